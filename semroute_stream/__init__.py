@@ -1,0 +1,1 @@
+"""semroute-stream: a streaming semantic router (filled in as the modules land)."""

@@ -1,0 +1,79 @@
+"""The exceptions semroute-stream raises, in one place.
+
+    SemrouteError                 base of everything below
+    ├── ConfigError               bad service config or routes file: names the file, field and reason
+    ├── ModelError                the encoder model cannot be provisioned or loaded
+    ├── InputError                one input message cannot be routed (goes to the DLQ, never raised
+    │                             out of the service); ``kind`` is a stable machine-readable code
+    └── LLMError                  a call to an OpenAI-compatible endpoint failed
+        ├── LLMRetryableError     429, 5xx, timeouts and connection errors (retried with backoff)
+        ├── LLMPermanentError     other 4xx and malformed responses (never retried)
+        └── CircuitOpenError      the endpoint's circuit breaker is open
+"""
+
+from __future__ import annotations
+
+
+class SemrouteError(Exception):
+    """Base class of every error semroute-stream raises."""
+
+
+class ConfigError(SemrouteError):
+    """A config or routes file is invalid.
+
+    ``str(err)`` reads ``FILE: FIELD: REASON`` (one line per problem) so that a start-up failure
+    names exactly what to fix.
+    """
+
+    def __init__(self, message: str, *, file: str | None = None) -> None:
+        self.file = file
+        super().__init__(f"{file}: {message}" if file else message)
+
+
+class ModelError(SemrouteError):
+    """The encoder model cannot be provisioned, verified or loaded."""
+
+
+class InputError(SemrouteError):
+    """One input message cannot be routed.
+
+    ``kind`` is one of: ``null_value``, ``oversized``, ``invalid_utf8``, ``invalid_json``,
+    ``not_an_object``, ``missing_text``, ``text_not_string``, ``empty_text``.
+    """
+
+    def __init__(self, kind: str, reason: str) -> None:
+        self.kind = kind
+        self.reason = reason
+        super().__init__(f"{kind}: {reason}")
+
+
+class LLMError(SemrouteError):
+    """A call to an LLM endpoint failed. ``status`` is the HTTP status when there was one."""
+
+    def __init__(self, message: str, *, endpoint: str, status: int | None = None) -> None:
+        self.endpoint = endpoint
+        self.status = status
+        super().__init__(f"{endpoint}: {message}")
+
+
+class LLMRetryableError(LLMError):
+    """A transient failure: 429, 5xx, timeout, connection error."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        endpoint: str,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.retry_after = retry_after
+        super().__init__(message, endpoint=endpoint, status=status)
+
+
+class LLMPermanentError(LLMError):
+    """A failure that retrying will not fix: 4xx other than 429, or a malformed response."""
+
+
+class CircuitOpenError(LLMError):
+    """The endpoint's circuit breaker is open; the call was not attempted."""
