@@ -1,14 +1,14 @@
 """The exceptions semroute-stream raises, in one place.
 
-    SemrouteError                 base of everything below
-    ├── ConfigError               bad service config or routes file: names the file, field and reason
-    ├── ModelError                the encoder model cannot be provisioned or loaded
-    ├── InputError                one input message cannot be routed (goes to the DLQ, never raised
-    │                             out of the service); ``kind`` is a stable machine-readable code
-    └── LLMError                  a call to an OpenAI-compatible endpoint failed
-        ├── LLMRetryableError     429, 5xx, timeouts and connection errors (retried with backoff)
-        ├── LLMPermanentError     other 4xx and malformed responses (never retried)
-        └── CircuitOpenError      the endpoint's circuit breaker is open
+SemrouteError                 base of everything below
+├── ConfigError               bad service config or routes file: names the file, field and reason
+├── ModelError                the encoder model cannot be provisioned or loaded
+├── InputError                one input message cannot be routed (goes to the DLQ, never raised
+│                             out of the service); ``kind`` is a stable machine-readable code
+└── LLMError                  a call to an OpenAI-compatible endpoint failed
+    ├── LLMRetryableError     429, 5xx, timeouts and connection errors (retried with backoff)
+    ├── LLMPermanentError     other 4xx and malformed responses (never retried)
+    └── CircuitOpenError      the endpoint's circuit breaker is open
 """
 
 from __future__ import annotations
@@ -76,4 +76,11 @@ class LLMPermanentError(LLMError):
 
 
 class CircuitOpenError(LLMError):
-    """The endpoint's circuit breaker is open; the call was not attempted."""
+    """The endpoint's circuit breaker is open; the call was not attempted.
+
+    ``retry_after`` is how long (seconds) until the breaker lets a trial call through.
+    """
+
+    def __init__(self, message: str, *, endpoint: str, retry_after: float = 0.0) -> None:
+        self.retry_after = retry_after
+        super().__init__(message, endpoint=endpoint)

@@ -1,0 +1,313 @@
+"""The routes file: which routes exist, their example utterances, thresholds and LLM settings.
+
+YAML or JSON with one schema (see ``config/routes.example.yaml``)::
+
+    default_threshold: 0.5      # used by every route that has no threshold of its own
+    method: max                 # how utterance similarities become a route score
+    top_k: 3                    # how many routes each explanation lists
+    fallback: {name: fallback, endpoint: null, model: null, system_prompt: null}
+    routes:
+      - name: billing
+        utterances: ["i was charged twice", ...]
+        threshold: 0.45         # optional, in [-1, 1]
+        endpoint: billing-llm   # optional, an endpoint of the service config
+        model: null             # optional per-route model override
+        system_prompt: null     # optional per-route system prompt
+        metadata: {team: billing}
+
+Unknown top-level keys (``source``, ``license``) are ignored; unknown route keys (``domain``,
+``intents``) are kept in the route's ``metadata``. A key that looks like a misspelt field
+(``treshold``) is an error rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from semroute_stream._decision import METHODS
+from semroute_stream._errors import ConfigError
+
+__all__ = [
+    "Fallback",
+    "Route",
+    "RoutesConfig",
+    "load_routes",
+    "routes_version",
+    "save_routes",
+]
+
+
+def _reject_misspelt(data: dict[str, Any], known: set[str]) -> None:
+    for key in data:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.8)
+        if close:
+            raise ValueError(f"unknown field {key!r} (did you mean {close[0]!r}?)")
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be blank")
+    return text
+
+
+Utterance = Annotated[str, AfterValidator(_not_blank)]
+
+
+class Route(BaseModel):
+    """One route: a name, its example utterances and how to answer what lands on it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    threshold: float | None = Field(default=None, ge=-1.0, le=1.0, allow_inf_nan=False)
+    endpoint: str | None = None
+    model: str | None = None
+    system_prompt: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    utterances: list[Utterance] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _extras_into_metadata(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        known = set(cls.model_fields)
+        _reject_misspelt(data, known)
+        extras = {k: v for k, v in data.items() if k not in known}
+        if not extras:
+            return data
+        kept = {k: v for k, v in data.items() if k in known}
+        metadata = kept.get("metadata")
+        if metadata is None:
+            metadata = {}
+        if isinstance(metadata, dict):
+            kept["metadata"] = {**extras, **metadata}
+        return kept
+
+    @field_validator("name")
+    @classmethod
+    def _name_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("route name must not be blank")
+        return value
+
+
+class Fallback(BaseModel):
+    """What a query that matches no route gets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "fallback"
+    endpoint: str | None = None
+    model: str | None = None
+    system_prompt: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("fallback name must not be blank")
+        return value
+
+
+class RoutesConfig(BaseModel):
+    """A whole routes file."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    default_threshold: float = Field(default=0.5, ge=-1.0, le=1.0, allow_inf_nan=False)
+    method: str = "max"
+    top_k: int = Field(default=3, ge=1)
+    fallback: Fallback = Field(default_factory=Fallback)
+    routes: list[Route] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_misspelt_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            _reject_misspelt(data, set(cls.model_fields))
+        return data
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in METHODS:
+            raise ValueError(f"unknown method {value!r} (known: {', '.join(sorted(METHODS))})")
+        return value
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> RoutesConfig:
+        problems: list[str] = []
+        first: dict[str, int] = {}
+        for i, route in enumerate(self.routes):
+            if route.name in first:
+                problems.append(
+                    f"routes[{i}] (name {route.name!r}): name: duplicate route name "
+                    f"(first at routes[{first[route.name]}])"
+                )
+            else:
+                first[route.name] = i
+        if self.fallback.name in first:
+            i = first[self.fallback.name]
+            problems.append(
+                f"fallback: name: {self.fallback.name!r} is also the name of routes[{i}]"
+            )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(route.name for route in self.routes)
+
+    def thresholds(self) -> list[float]:
+        """Each route's threshold, with the default filled in."""
+        return [
+            self.default_threshold if route.threshold is None else route.threshold
+            for route in self.routes
+        ]
+
+
+# --- reading and writing -------------------------------------------------------------------
+
+
+def _describe_loc(loc: tuple[int | str, ...], raw: Any) -> str:
+    """``('routes', 3, 'threshold')`` -> ``routes[3] (name 'billing'): threshold``."""
+    parts: list[str] = []
+    i = 0
+    while i < len(loc):
+        key = loc[i]
+        if key == "routes" and i + 1 < len(loc) and isinstance(loc[i + 1], int):
+            index = loc[i + 1]
+            label = f"routes[{index}]"
+            name = _raw_route_name(raw, int(index))
+            if name is not None:
+                label += f" (name {name!r})"
+            parts.append(label)
+            i += 2
+            continue
+        if isinstance(key, int) and parts:
+            parts[-1] += f"[{key}]"
+        else:
+            parts.append(str(key))
+        i += 1
+    return ": ".join(parts)
+
+
+def _raw_route_name(raw: Any, index: int) -> str | None:
+    if isinstance(raw, dict):
+        routes = raw.get("routes")
+        if isinstance(routes, list) and 0 <= index < len(routes):
+            route = routes[index]
+            if isinstance(route, dict) and isinstance(route.get("name"), str):
+                return str(route["name"])
+    return None
+
+
+def _problems(err: ValidationError, raw: Any) -> list[str]:
+    problems: list[str] = []
+    for item in err.errors(include_url=False):
+        message = str(item["msg"]).removeprefix("Value error, ")
+        where = _describe_loc(tuple(item["loc"]), raw)
+        for line in message.splitlines():
+            # Cross-route problems already say where they are.
+            problems.append(f"{where}: {line}" if where else line)
+    return problems
+
+
+def parse_routes(raw: Any, source: str = "<routes>") -> RoutesConfig:
+    """Validate already-parsed routes data; errors name ``source``, the route and the field."""
+    if not isinstance(raw, dict):
+        raise _config_error(source, [f"expected a mapping at the top, got {type(raw).__name__}"])
+    try:
+        return RoutesConfig.model_validate(raw)
+    except ValidationError as err:
+        raise _config_error(source, _problems(err, raw)) from None
+
+
+def _config_error(source: str, problems: list[str]) -> ConfigError:
+    err = ConfigError("\n".join(f"{source}: {p}" for p in problems))
+    err.file = source
+    return err
+
+
+def load_routes(path: str | Path) -> RoutesConfig:
+    """Read and validate a routes file (JSON when it ends in ``.json``, YAML otherwise)."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read routes file: {err}", file=source) from None
+    try:
+        raw = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"line {err.lineno}: invalid JSON: {err.msg}", file=source) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise ConfigError(f"{where}invalid YAML: {err}", file=source) from None
+    return parse_routes(raw, source)
+
+
+def dump_routes(cfg: RoutesConfig) -> dict[str, Any]:
+    """The routes as plain data, as ``save_routes`` writes them (empty route fields left out)."""
+    routes = []
+    for route in cfg.routes:
+        data = route.model_dump(mode="json", exclude_none=True)
+        if not data.get("metadata"):
+            data.pop("metadata", None)
+        routes.append(data)
+    return {
+        "default_threshold": cfg.default_threshold,
+        "method": cfg.method,
+        "top_k": cfg.top_k,
+        "fallback": cfg.fallback.model_dump(mode="json"),
+        "routes": routes,
+    }
+
+
+def save_routes(cfg: RoutesConfig, path: str | Path) -> None:
+    """Write the routes (JSON when the name ends in ``.json``, YAML otherwise), atomically."""
+    path = Path(path)
+    data = dump_routes(cfg)
+    if path.suffix.lower() == ".json":
+        text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    else:
+        text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def routes_version(cfg: RoutesConfig) -> str:
+    """A short hash of everything in the routes (12 hex chars); any change gives a new one."""
+    canonical = json.dumps(
+        cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]

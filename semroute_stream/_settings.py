@@ -1,0 +1,176 @@
+"""The service config: one YAML file, overridden by ``SEMROUTE_*`` environment variables.
+
+``SEMROUTE_KAFKA__BOOTSTRAP_SERVERS=host:9092`` overrides ``kafka.bootstrap_servers``: the prefix is
+``SEMROUTE_`` and ``__`` separates nested fields. Environment values win over the file. Secrets
+(``kafka.sasl_password``) are ``SecretStr`` and never printed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from ._encoder import EncoderConfig
+from ._errors import ConfigError
+from ._llm import EndpointConfig
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class KafkaConfig(_Section):
+    """How to reach the brokers. Security settings are passed to aiokafka as they are."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    client_id: str = "semroute-stream"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
+    @model_validator(mode="after")
+    def _sasl_needs_credentials(self) -> KafkaConfig:
+        if self.security_protocol.startswith("SASL") and (
+            self.sasl_mechanism is None or not self.sasl_username or self.sasl_password is None
+        ):
+            raise ValueError(
+                "SASL needs sasl_mechanism, sasl_username and sasl_password "
+                "(set the password with SEMROUTE_KAFKA__SASL_PASSWORD)"
+            )
+        return self
+
+
+class InputConfig(_Section):
+    """The topic the queries come from and how to read them."""
+
+    topic: str
+    group_id: str = "semroute-stream"
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    format: Literal["json", "text"] = "json"
+    text_field: str = "text"
+    id_field: str = "id"
+    max_message_bytes: int = Field(default=64 * 1024, ge=1)
+    max_text_chars: int = Field(default=8_000, ge=1)
+    session_timeout_ms: int = Field(default=30_000, ge=1_000)
+    max_poll_interval_ms: int = Field(default=300_000, ge=1_000)
+
+
+class OutputConfig(_Section):
+    """Where outcomes go: one responses topic (or one per route) and a dead-letter topic."""
+
+    responses_topic: str
+    dlq_topic: str
+    per_route_topics: bool = False
+    route_topic_prefix: str | None = None  # default: "<responses_topic>."
+
+    def topic_for(self, route: str) -> str:
+        if not self.per_route_topics:
+            return self.responses_topic
+        prefix = self.route_topic_prefix or f"{self.responses_topic}."
+        return f"{prefix}{route}"
+
+
+class BatchingConfig(_Section):
+    """Micro-batches close when they hold ``max_size`` messages or ``linger_ms`` has passed."""
+
+    max_size: int = Field(default=64, ge=1, le=4096)
+    linger_ms: int = Field(default=25, ge=0)
+
+
+class FlowConfig(_Section):
+    """Backpressure, commits and shutdown."""
+
+    max_in_flight: int = Field(default=512, ge=1)
+    max_in_flight_per_endpoint: int = Field(default=256, ge=1)
+    commit_interval_ms: int = Field(default=500, ge=10)
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+    rebalance_drain_timeout_s: float = Field(default=10.0, ge=0)
+    circuit_open_max_wait_s: float = Field(default=300.0, ge=0)
+
+
+class Settings(BaseSettings):
+    """Everything ``semroute-stream run`` needs. Load it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SEMROUTE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    routes: Path
+    mode: Literal["llm", "route_only"] = "llm"
+    delivery: Literal["at_least_once"] = "at_least_once"
+    kafka: KafkaConfig = KafkaConfig()
+    input: InputConfig
+    output: OutputConfig
+    batching: BatchingConfig = BatchingConfig()
+    flow: FlowConfig = FlowConfig()
+    encoder: EncoderConfig = EncoderConfig()
+    endpoints: dict[str, EndpointConfig] = {}
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file arrives as init kwargs; the environment overrides it.
+        return env_settings, init_settings
+
+
+def _describe(err: ValidationError) -> list[str]:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"{field}: {e['msg']}")
+    return lines
+
+
+def load_settings(path: str | Path) -> Settings:
+    """Read the YAML config at ``path``, apply ``SEMROUTE_*`` overrides, validate.
+
+    Relative paths in the file (``routes``, TLS files) are relative to the file's directory.
+    Raises :class:`ConfigError` naming the file, each bad field and why.
+    """
+    path = Path(path)
+    try:
+        raw: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config: {exc.strerror or exc}", file=str(path)) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML: {exc}", file=str(path)) from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("the top level must be a mapping", file=str(path))
+    try:
+        settings = Settings(**raw)
+    except ValidationError as exc:
+        env = sorted(k for k in os.environ if k.startswith("SEMROUTE_"))
+        hint = f" (environment overrides in effect: {', '.join(env)})" if env else ""
+        raise ConfigError("\n".join(_describe(exc)) + hint, file=str(path)) from exc
+    base = path.resolve().parent
+    updates: dict[str, Any] = {}
+    if not settings.routes.is_absolute():
+        updates["routes"] = base / settings.routes
+    tls = {
+        name: base / value
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile")
+        if (value := getattr(settings.kafka, name)) is not None and not value.is_absolute()
+    }
+    if tls:
+        updates["kafka"] = settings.kafka.model_copy(update=tls)
+    return settings.model_copy(update=updates) if updates else settings
