@@ -1,4 +1,5 @@
-"""The ``semroute-stream`` command line: run (the Kafka service), embed, eval, fit and route.
+"""The ``semroute-stream`` command line: run (the Kafka service), replay, check, embed, eval,
+fit and route.
 
 One ``cmd_*`` function per subcommand, registered in ``build_parser()``; a new subcommand
 is one more ``add_parser`` and one more function.
@@ -20,19 +21,34 @@ import orjson
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from semroute_stream._decision import METHODS, RouteTable, route_scores, similarities
+from semroute_stream._decision import RouteTable
 from semroute_stream._errors import ConfigError, InputError, SemrouteError
 from semroute_stream._evaluate import (
+    Labelled,
+    add_labelled_utterances,
+    compare_methods,
     evaluate,
-    fit_thresholds,
+    fit_routes,
     label_indices,
     load_labelled,
-    report,
+    suspect_utterances,
 )
 from semroute_stream._offline import default_rejects_path, route_file
 from semroute_stream._records import parse_input
-from semroute_stream._router import Router, TextEncoder
-from semroute_stream._routes import RoutesConfig, load_routes, routes_version, save_routes
+from semroute_stream._router import (
+    Router,
+    TextEncoder,
+    head_texts,
+    resolve_routes,
+    train_route_head,
+)
+from semroute_stream._routes import (
+    ROUTES_METHODS,
+    RoutesConfig,
+    load_routes,
+    routes_version,
+    save_routes,
+)
 
 __all__ = ["build_parser", "main", "make_encoder"]
 
@@ -171,6 +187,9 @@ def _print_report(figures: dict[str, Any], worst: int = 5) -> None:
         ("macro_f1", "macro F1 (routes with data)"),
     ):
         print(f"  {label:<32}{_fmt(figures[key])}")
+    if figures.get("fallback_reasons"):
+        reasons = ", ".join(f"{k}: {v}" for k, v in figures["fallback_reasons"].items())
+        print(f"  fallbacks by reason: {reasons}")
     ranked = sorted(
         ((name, r) for name, r in figures["per_route"].items() if r["support"]),
         key=lambda item: (item[1]["f1"] or 0.0, item[0]),
@@ -188,6 +207,72 @@ def _print_report(figures: dict[str, Any], worst: int = 5) -> None:
             gold = c["gold"] if c["gold"] is not None else "(no route)"
             pred = c["predicted"] if c["predicted"] is not None else "(fallback)"
             print(f"    {gold} -> {pred}: {c['count']}")
+    _print_authoring_aids(figures)
+
+
+def _print_authoring_aids(figures: dict[str, Any]) -> None:
+    if figures.get("suspect_utterances"):
+        print("  utterances the cross-validation sends to another route (route -> goes to):")
+        for c in figures["suspect_utterances"]:
+            print(f"    {c['route']} -> {c['goes_to']}: {c['utterance']!r}")
+    if figures.get("confusing_utterances"):
+        print("  utterances that pull queries to the wrong route (count: route: utterance):")
+        for c in figures["confusing_utterances"]:
+            pulled = ", ".join(f"{k} {v}" for k, v in c["pulled_from"].items())
+            print(f"    {c['count']:>3}: {c['route']}: {c['utterance']!r}  <- {pulled}")
+    if figures.get("overlapping_routes"):
+        print(
+            "  overlapping routes (utterances whose nearest neighbour is in the other route, "
+            "centroid cosine):"
+        )
+        for o in figures["overlapping_routes"]:
+            a, b = o["routes"]
+            line = f"    {a} ~ {b}: {o['nn_count']}, {o['centroid_similarity']:.3f}"
+            pair = o.get("closest_pair")
+            if pair:
+                line += f"  e.g. {pair['utterances'][0]!r} ~ {pair['utterances'][1]!r}"
+            print(line)
+
+
+def _describe_resolution(router: Router) -> str:
+    res = router.resolution
+    table = res.table
+    text = f"method: {table.method}"
+    if table.head is not None:
+        text += f" (blend {table.head.blend:g}, temperature {table.head.temperature:g})"
+    if res.requested == "auto":
+        reason = res.choice.reason if res.choice else f"nearest utterance: {res.note}"
+        text += f"; auto: {reason}"
+    elif res.requested != table.method:
+        text += f" (requested {res.requested})"
+    if res.head is not None:
+        if res.head.cached:
+            text += f"; head from cache ({res.head.seconds:.2f} s)"
+        else:
+            text += f"; head trained in {res.head.seconds:.2f} s"
+    return text
+
+
+def _print_comparison(rows: list[dict[str, Any]], chosen: str) -> None:
+    print(
+        "  methods on this data (top-1 in scope; overall with the defaults from the "
+        "utterances; overall with one fallback setting fitted here; CV accuracy on the "
+        "utterances):"
+    )
+    for row in rows:
+        mark = " <- auto" if row["candidate"] == chosen else ""
+        print(
+            f"    {row['candidate']:<18}{_fmt(row['top1_accuracy']):>8}"
+            f"{_fmt(row['overall_accuracy']):>8}{_fmt(row['fitted_overall_accuracy']):>8}"
+            f"{_fmt(row.get('cv_accuracy')):>8}{mark}"
+        )
+
+
+def _chosen_label(router: Router) -> str:
+    table = router.resolution.table
+    if table.method == "head" and table.head is not None:
+        return f"head(blend={table.head.blend:g})"
+    return table.method
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -195,30 +280,50 @@ def cmd_eval(args: argparse.Namespace) -> int:
     routes = _load_routes(args)
     data = load_labelled(args.data, routes.names)
     encoder = make_encoder(args)
+    t0 = time.perf_counter()
     router = Router(routes, encoder)
+    load_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     embeddings = _encode_all(encoder, data.texts, "encoding")
     encode_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    figures = evaluate(router.table, embeddings, data.labels)
+    figures = evaluate(router.table, embeddings, data.labels, data.texts)
     decide_seconds = time.perf_counter() - t0
+    head = router.resolution.head
+    if head is not None and head.cv is not None:
+        table = router.table
+        blend = table.head.blend if table.head is not None else 0.0
+        figures["suspect_utterances"] = suspect_utterances(table, head.cv, table.method, blend)
+    comparison = (
+        compare_methods(router.table, router.resolution.head, embeddings, data.labels)
+        if routes.method == "auto"
+        else None
+    )
     seconds = time.perf_counter() - started
     print(f"routes: {args.routes} ({len(routes.routes)} routes, version {router.version})")
     print(f"data: {args.data}")
+    print(_describe_resolution(router))
     _print_report(figures)
+    if comparison:
+        _print_comparison(comparison, _chosen_label(router))
     print(
-        f"seconds: {seconds:.2f} total, {encode_seconds:.2f} encoding {len(data)} texts, "
-        f"{decide_seconds:.3f} deciding"
+        f"seconds: {seconds:.2f} total, {load_seconds:.2f} loading the routes (utterances "
+        f"and head), {encode_seconds:.2f} encoding {len(data)} texts, "
+        f"{decide_seconds:.3f} deciding and reporting"
     )
     if args.json:
         _print_json_last(
             {
                 **figures,
+                "method_requested": routes.method,
+                "resolution": router.resolution.summary(),
+                "methods": comparison,
                 "routes": str(args.routes),
                 "data": str(args.data),
                 "routes_version": router.version,
                 "model": encoder.model_name,
                 "seconds": round(seconds, 3),
+                "load_seconds": round(load_seconds, 3),
                 "encode_seconds": round(encode_seconds, 3),
                 "decide_seconds": round(decide_seconds, 4),
             }
@@ -230,7 +335,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    routes = _load_routes(args)
+    routes = load_routes(args.routes)
+    requested = args.method or "auto"
     data = load_labelled(args.data, routes.names)
     encoder = make_encoder(args)
     router = Router(routes, encoder)
@@ -238,25 +344,71 @@ def cmd_fit(args: argparse.Namespace) -> int:
     before = evaluate(router.table, embeddings, data.labels)
 
     t0 = time.perf_counter()
-    fitted = fit_thresholds(
-        routes, router.table, embeddings, data.labels, min_support=args.min_support
+    methods = ("max", "top5_mean", "head") if requested == "auto" else (requested,)
+    names = router.name_embeddings
+    if names is None and routes.head.use_names:
+        names = encoder.encode(head_texts(routes))
+    if args.add_utterances != "none":
+        return _fit_adding_utterances(args, routes, router, names, embeddings, data, before)
+    head = None
+    if "head" in methods and len(routes.routes) >= 2:
+        head = router.resolution.head
+        if head is None or head.cv is None:
+            head = train_route_head(
+                routes,
+                router.utterance_embeddings,
+                names,
+                model_name=encoder.model_name,
+                cache_dir=router.cache_dir,
+            )
+    base = RouteTable.build(routes, router.utterance_embeddings, method="max")
+    result = fit_routes(
+        routes,
+        base,
+        head,
+        embeddings,
+        data.labels,
+        methods=methods,
+        min_support=args.min_support,
     )
     fit_seconds = time.perf_counter() - t0
-    save_routes(fitted, args.out)
+    save_routes(result.routes, args.out)
 
-    # The figures of the file as written and read back.
+    # The figures of the file as written and read back (no re-encoding of the utterances).
     reloaded = load_routes(args.out)
-    table = RouteTable.build(reloaded, router.table.utterance_embeddings)
-    gold = label_indices(table, data.labels)
-    after = report(table, route_scores(table, similarities(table, embeddings)), gold)
+    resolved = resolve_routes(
+        reloaded,
+        router.utterance_embeddings,
+        names,
+        model_name=encoder.model_name,
+        cache_dir=router.cache_dir,
+    )
+    after = evaluate(resolved.table, embeddings, data.labels)
 
     tuned = sum(route.threshold is not None for route in reloaded.routes)
+    tuned += sum(route.min_confidence is not None for route in reloaded.routes)
     print(f"routes: {args.routes} -> {args.out} (version {routes_version(reloaded)})")
     print(
+        f"method: {routes.method} ({router.table.method}) -> {reloaded.method}; "
         f"default threshold: {routes.default_threshold} -> {reloaded.default_threshold}; "
         f"{tuned} of {len(reloaded.routes)} routes have their own threshold "
         f"(min support {args.min_support}); fit took {fit_seconds:.2f} s"
     )
+    if reloaded.method == "head":
+        h = reloaded.head
+        print(
+            f"head: blend {h.blend}, temperature {h.temperature}, min_confidence "
+            f"{h.min_confidence}, similarity floor {reloaded.default_threshold}, "
+            f"min_margin {h.min_margin}"
+        )
+    if len(result.candidates) > 1:
+        print("candidates (top-1 in scope, overall with one fitted fallback setting):")
+        for c in result.candidates:
+            mark = " <- chosen" if c["chosen"] else ""
+            print(
+                f"  {c['candidate']:<18}{_fmt(c['top1_accuracy']):>8}"
+                f"{_fmt(c['fitted_overall_accuracy']):>8}{mark}"
+            )
     print(f"{'':<34}{'before':>8}{'after':>8}")
     for key in (
         "overall_accuracy",
@@ -269,15 +421,99 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print(f"  {key:<32}{_fmt(before[key]):>8}{_fmt(after[key]):>8}")
     print("(figures on the fitting data itself: check on held-out data)")
     if args.json:
+        dropped = ("per_route", "confusing_utterances", "overlapping_routes")
         _print_json_last(
             {
                 "out": str(args.out),
                 "routes_version": routes_version(reloaded),
+                "method": reloaded.method,
+                "head": reloaded.head.model_dump(mode="json"),
                 "default_threshold": reloaded.default_threshold,
                 "routes_with_threshold": tuned,
+                "candidates": result.candidates,
                 "fit_seconds": round(fit_seconds, 3),
-                "before": {k: v for k, v in before.items() if k not in ("per_route",)},
-                "after": {k: v for k, v in after.items() if k not in ("per_route",)},
+                "before": {k: v for k, v in before.items() if k not in dropped},
+                "after": {k: v for k, v in after.items() if k not in dropped},
+            }
+        )
+    return 0
+
+
+def _fit_adding_utterances(
+    args: argparse.Namespace,
+    routes: RoutesConfig,
+    router: Router,
+    names: np.ndarray | None,
+    embeddings: np.ndarray,
+    data: Labelled,
+    before: dict[str, Any],
+) -> int:
+    """``fit --add-utterances``: labelled rows become utterances of their route (all of them,
+    or those the routes get wrong), then the method and its fallback come from the
+    cross-validation on the enlarged utterances (not from the same labelled rows, which are
+    now utterances) and are written out."""
+    t0 = time.perf_counter()
+    rows = None
+    if args.add_utterances == "errors":
+        gold = label_indices(router.table, data.labels)
+        rows = router.decide(embeddings).route != gold
+    augmented, utterance_embeddings, added = add_labelled_utterances(
+        routes, router.utterance_embeddings, data.texts, data.labels, embeddings, rows
+    )
+    # The old fallback settings were tuned for the old utterances: derive them again.
+    augmented.method = args.method or "auto"
+    augmented.default_threshold = None
+    augmented.head = augmented.head.model_copy(
+        update={"blend": None, "temperature": None, "min_confidence": None, "min_margin": None}
+    )
+    for route in augmented.routes:
+        route.threshold = None
+        route.min_confidence = None
+    resolution = resolve_routes(
+        augmented,
+        utterance_embeddings,
+        names,
+        model_name=router.encoder.model_name,
+        cache_dir=router.cache_dir,
+    )
+    fitted = resolution.record(augmented)
+    fit_seconds = time.perf_counter() - t0
+    save_routes(fitted, args.out)
+    reloaded = load_routes(args.out)
+    again = resolve_routes(
+        reloaded,
+        utterance_embeddings,
+        names,
+        model_name=router.encoder.model_name,
+        cache_dir=router.cache_dir,
+    )
+    after = evaluate(again.table, embeddings, data.labels)
+    print(f"routes: {args.routes} -> {args.out} (version {routes_version(reloaded)})")
+    print(
+        f"added {added} labelled rows as utterances ({args.add_utterances}); "
+        f"{sum(len(r.utterances) for r in reloaded.routes)} utterances now; method "
+        f"{routes.method} -> {reloaded.method}; fit took {fit_seconds:.2f} s"
+    )
+    print(f"{'':<34}{'before':>8}{'after':>8}")
+    for key in ("overall_accuracy", "in_scope_accuracy", "top1_accuracy", "fallback_recall"):
+        print(f"  {key:<32}{_fmt(before[key]):>8}{_fmt(after[key]):>8}")
+    print(
+        "(the added rows are now utterances: 'after' on this data is no test at all; "
+        "measure on held-out data)"
+    )
+    if args.json:
+        dropped = ("per_route", "confusing_utterances", "overlapping_routes")
+        _print_json_last(
+            {
+                "out": str(args.out),
+                "routes_version": routes_version(reloaded),
+                "method": reloaded.method,
+                "added_utterances": added,
+                "head": reloaded.head.model_dump(mode="json"),
+                "default_threshold": reloaded.default_threshold,
+                "fit_seconds": round(fit_seconds, 3),
+                "before": {k: v for k, v in before.items() if k not in dropped},
+                "after": {k: v for k, v in after.items() if k not in dropped},
             }
         )
     return 0
@@ -326,17 +562,13 @@ def cmd_route(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """The streaming service: consume, route, call the LLM workers, publish, commit."""
     import asyncio
-    import logging
 
+    from semroute_stream._logging import setup_logging
     from semroute_stream._pipeline import run_service
     from semroute_stream._settings import load_settings
 
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     settings = load_settings(args.config)
+    setup_logging(settings.logging, args.log_level)
     try:
         stats = asyncio.run(
             run_service(settings, max_messages=args.max_messages, idle_timeout_s=args.idle_timeout)
@@ -346,6 +578,41 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 130
     print(orjson.dumps(stats.as_dict()).decode())
     return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Reprocess a range of the input topic, then stop (see semroute_stream/_replay.py)."""
+    import asyncio
+
+    from semroute_stream._logging import setup_logging
+    from semroute_stream._replay import ReplayStart, parse_partitions, parse_timestamp, run_replay
+    from semroute_stream._settings import load_settings
+
+    settings = load_settings(args.config)
+    setup_logging(settings.logging, args.log_level)
+    if args.from_timestamp is not None:
+        start = ReplayStart(timestamp_ms=parse_timestamp(args.from_timestamp))
+    elif args.from_offset is not None:
+        start = ReplayStart(offset=args.from_offset)
+    else:
+        start = ReplayStart(beginning=True)
+    partitions = parse_partitions(args.partitions) if args.partitions else None
+    try:
+        stats = asyncio.run(run_replay(settings, start, partitions=partitions, output=args.output))
+    except asyncio.CancelledError:
+        print("error: stopped without draining (second signal)", file=sys.stderr)
+        return 130
+    print(orjson.dumps({**stats.as_dict(), "output": args.output}).decode())
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate the config and routes, reach the broker and every LLM endpoint."""
+    import asyncio
+
+    from semroute_stream._check import check
+
+    return asyncio.run(check(args.config, say=lambda finding: print(finding.line(), flush=True)))
 
 
 # --- parser and main -----------------------------------------------------------------------
@@ -376,13 +643,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _common_options()
-    methods = sorted(METHODS)
+    methods = list(ROUTES_METHODS)
 
     p = sub.add_parser(
         "run",
         help="run the Kafka service (consume, route, call LLMs, publish)",
         description="Consume queries from Kafka in micro-batches, route them, call each route's "
-        "LLM endpoint and publish one outcome per input. SIGTERM/SIGINT drains and exits.",
+        "LLM endpoint and publish one outcome per input. SIGTERM/SIGINT drains and exits, "
+        "SIGHUP reloads the routes file.",
     )
     p.add_argument("--config", required=True, help="service config (YAML)")
     p.add_argument(
@@ -394,8 +662,36 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="stop (after draining) when nothing new has arrived for this long",
     )
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    log_levels = ["debug", "info", "warning", "error"]
+    p.add_argument("--log-level", choices=log_levels, help="default: the config's logging.level")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "replay",
+        help="reprocess a range of the input topic (to the outputs or a JSONL file), then stop",
+        description="Read the input topic from the beginning, an offset or a timestamp up to the "
+        "end offsets seen at start, with manual assignment and a consumer group of its own "
+        "(<group_id>.replay.<time>); route and answer every message like the service does.",
+    )
+    p.add_argument("--config", required=True, help="service config (YAML)")
+    start = p.add_mutually_exclusive_group(required=True)
+    start.add_argument("--from-beginning", action="store_true")
+    start.add_argument("--from-offset", type=int, metavar="N", help="the same offset everywhere")
+    start.add_argument(
+        "--from-timestamp", metavar="TIME", help="ISO 8601 (no zone: UTC) or epoch milliseconds"
+    )
+    p.add_argument("--partitions", help="e.g. 0,1 or 0-3 (default: all)")
+    p.add_argument("--output", help="write the records to this JSONL file instead of the topics")
+    p.add_argument("--log-level", choices=log_levels, help="default: the config's logging.level")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser(
+        "check",
+        help="validate the config and routes, reach the broker and the LLM endpoints",
+        description="Exit 0: all good; 1: a problem found (listed); 2: the config cannot be read.",
+    )
+    p.add_argument("--config", required=True, help="service config (YAML)")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser(
         "embed",
@@ -430,12 +726,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--routes", required=True, help="routes file (YAML or JSON)")
     p.add_argument("--data", required=True, help="labelled JSONL")
     p.add_argument("--out", required=True, help="new routes file (.json for JSON, else YAML)")
-    p.add_argument("--method", choices=methods, help="fit for (and write) this method")
+    p.add_argument(
+        "--method",
+        choices=methods,
+        help="fit only this method (default auto: compare max, top5_mean and the route head "
+        "on the data and write the best)",
+    )
     p.add_argument(
         "--min-support",
         type=_positive,
         default=5,
         help="labelled rows a route needs to get its own threshold (default 5)",
+    )
+    p.add_argument(
+        "--add-utterances",
+        choices=["none", "errors", "all"],
+        default="none",
+        help="also add labelled rows to their route's utterances: all of them, or those "
+        "the routes get wrong (default none); the method and fallback then come from "
+        "cross-validation on the enlarged utterances",
     )
     p.add_argument("--json", action="store_true", help="end with one JSON line of figures")
     p.set_defaults(func=cmd_fit)

@@ -1,15 +1,27 @@
 """The routing decision for a whole batch of query embeddings: pure numpy, no I/O.
 
-One matmul gives the (B x U) cosine matrix between queries and every route utterance; an
-aggregation method (``METHODS``) turns it into a (B x R) route-score matrix (``-inf`` where a
-method gives a route no score); the decision rule is the same for every method:
+One matmul gives the (B x U) cosine matrix between queries and every route utterance. A method
+turns it into a (B x R) route-score matrix (``-inf`` where a method gives a route no score):
 
-* the chosen route is the highest-scoring route whose score is ``>=`` its own threshold;
+* similarity methods (``METHODS``): ``max`` (each route scores its nearest utterance's cosine)
+  and ``top5_mean`` (semantic-router's rule); a route passes when its score is ``>=`` its
+  threshold;
+* ``head``: a learned route head (multinomial logistic regression, see ``_heads``); the
+  score is a calibrated probability ``softmax((log p_head + blend * max_cosine) / T)``; a
+  route passes when its probability is ``>=`` its ``min_confidence``, its nearest utterance's
+  cosine is ``>=`` its threshold (the similarity floor: far-away queries fall back however
+  confident the head is) and, when ``min_margin`` is set, it leads every other route by at
+  least that much probability.
+
+The decision rule is the same for every method:
+
+* the chosen route is the highest-scoring route that passes;
 * when no route passes, the query goes to the fallback (``route == -1``);
 * ties go to the lowest route index.
 
 ``best`` is the chosen route, or, for a fallback, the highest-scoring route (the candidate
-that did not make it); ``score`` and ``threshold`` are those of ``best``.
+that did not make it); ``score`` and ``threshold`` are those of ``best``, and ``reason`` says
+why a fallback happened.
 """
 
 from __future__ import annotations
@@ -24,12 +36,17 @@ if TYPE_CHECKING:
     from semroute_stream._routes import RoutesConfig
 
 __all__ = [
+    "DECISION_METHODS",
+    "FALLBACK_REASONS",
     "METHODS",
     "Decisions",
+    "HeadParams",
     "RouteTable",
+    "ScoreMatrix",
     "choose",
     "decide",
     "route_scores",
+    "score_matrix",
     "similarities",
 ]
 
@@ -67,7 +84,19 @@ METHODS: dict[str, Aggregation] = {
     "max": _aggregate_max,
     "top5_mean": _aggregate_top5_mean,
 }
-"""Aggregation methods by name; the routes file's ``method`` must be one of these."""
+"""The similarity methods: aggregations of utterance cosines by name."""
+
+DECISION_METHODS: tuple[str, ...] = (*METHODS, "head")
+"""Every method a route table can decide with (``auto`` in a routes file resolves to one)."""
+
+FALLBACK_REASONS: tuple[str | None, ...] = (
+    None,
+    "below_threshold",  # similarity methods: the best score is below its threshold
+    "low_confidence",  # head: the calibrated probability is below min_confidence
+    "low_similarity",  # head: the nearest utterance's cosine is below the similarity floor
+    "low_margin",  # head: the lead over the runner-up is below min_margin
+)
+"""``Decisions.reason`` codes, as ``explain()`` names them."""
 
 
 def _frozen(array: np.ndarray) -> np.ndarray:
@@ -76,8 +105,43 @@ def _frozen(array: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True, eq=False)
+class HeadParams:
+    """A trained route head and its calibrated decision settings."""
+
+    weights: np.ndarray  # (D, R) float32
+    bias: np.ndarray  # (R,) float32
+    blend: float = 0.0  # weight of the nearest-utterance cosine added to log-probabilities
+    temperature: float = 1.0  # probabilities = softmax(scores / temperature)
+    min_confidence: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (R,)
+    min_margin: float | None = None
+
+    def __post_init__(self) -> None:
+        weights = np.ascontiguousarray(self.weights, dtype=np.float32)
+        bias = np.ascontiguousarray(self.bias, dtype=np.float32)
+        n_routes = weights.shape[1] if weights.ndim == 2 else -1
+        confidence = np.asarray(self.min_confidence, dtype=np.float32)
+        if confidence.shape == (0,):
+            confidence = np.zeros(max(n_routes, 0), dtype=np.float32)
+        if weights.ndim != 2 or bias.shape != (n_routes,) or confidence.shape != (n_routes,):
+            raise ValueError(
+                f"head: weights (D, R), bias (R,) and min_confidence (R,) expected, got "
+                f"{weights.shape}, {bias.shape}, {confidence.shape}"
+            )
+        if not (self.temperature > 0 and np.isfinite(self.temperature)):
+            raise ValueError("head: temperature must be > 0")
+        if not (self.blend >= 0 and np.isfinite(self.blend)):
+            raise ValueError("head: blend must be >= 0")
+        object.__setattr__(self, "weights", _frozen(weights))
+        object.__setattr__(self, "bias", _frozen(bias))
+        object.__setattr__(self, "min_confidence", _frozen(np.ascontiguousarray(confidence)))
+
+
+@dataclass(frozen=True, eq=False)
 class RouteTable:
-    """The routes compiled with their utterance embeddings (utterances grouped by route)."""
+    """The routes compiled with their utterance embeddings (utterances grouped by route).
+
+    ``thresholds`` are score thresholds for the similarity methods and the similarity floor
+    (on the nearest utterance's cosine) for ``head``; ``head`` holds the trained head."""
 
     names: tuple[str, ...]
     fallback: str
@@ -88,13 +152,19 @@ class RouteTable:
     utterance_route: np.ndarray  # (U,) intp, non-decreasing, every route present
     utterance_embeddings: np.ndarray  # (U, D) float32, L2-normalised
     route_starts: np.ndarray = field(init=False, repr=False)  # (R,) first utterance of each
+    head: HeadParams | None = None  # required by method "head"
+    auto: bool = False  # the method was chosen by ``method: auto``
 
     def __post_init__(self) -> None:
         n_routes = len(self.names)
         if n_routes == 0:
             raise ValueError("a route table needs at least one route")
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r} (known: {', '.join(METHODS)})")
+        if self.method not in DECISION_METHODS:
+            raise ValueError(
+                f"unknown method {self.method!r} (known: {', '.join(DECISION_METHODS)})"
+            )
+        if self.method == "head" and self.head is None:
+            raise ValueError("method 'head' needs a trained head")
         if self.top_k < 1:
             raise ValueError("top_k must be >= 1")
         thresholds = np.ascontiguousarray(self.thresholds, dtype=np.float32)
@@ -114,6 +184,11 @@ class RouteTable:
         counts = np.bincount(route_of, minlength=n_routes) if n_utts else np.zeros(n_routes)
         if counts.shape != (n_routes,) or np.any(counts == 0):
             raise ValueError("every route needs at least one utterance, and no other routes")
+        if self.head is not None and self.head.weights.shape != (embeddings.shape[1], n_routes):
+            raise ValueError(
+                f"head: expected weights of shape ({embeddings.shape[1]}, {n_routes}), "
+                f"got {self.head.weights.shape}"
+            )
         starts = np.searchsorted(route_of, np.arange(n_routes)).astype(np.intp)
         object.__setattr__(self, "thresholds", _frozen(thresholds))
         object.__setattr__(self, "utterance_route", _frozen(route_of))
@@ -121,19 +196,37 @@ class RouteTable:
         object.__setattr__(self, "route_starts", _frozen(starts))
 
     @classmethod
-    def build(cls, routes: RoutesConfig, utterance_embeddings: np.ndarray) -> RouteTable:
+    def build(
+        cls,
+        routes: RoutesConfig,
+        utterance_embeddings: np.ndarray,
+        *,
+        method: str | None = None,
+        head: HeadParams | None = None,
+        default_threshold: float | None = None,
+        auto: bool = False,
+    ) -> RouteTable:
         """Compile ``routes``; ``utterance_embeddings`` are its utterances' embeddings, route by
-        route in file order (as ``utterances_of(routes)`` lists them)."""
+        route in file order (as ``utterances_of(routes)`` lists them).
+
+        ``method`` overrides the file's; ``auto`` without one compiles as ``max`` (``Router``
+        resolves ``auto`` properly, with the head); ``default_threshold`` is used for routes
+        without a threshold when the file sets no ``default_threshold``."""
+        if method is None:
+            auto = auto or routes.method == "auto"
+            method = "max" if routes.method == "auto" else routes.method
         route_of = [i for i, route in enumerate(routes.routes) for _ in route.utterances]
         return cls(
             names=tuple(route.name for route in routes.routes),
             fallback=routes.fallback.name,
-            method=routes.method,
+            method=method,
             top_k=routes.top_k,
-            thresholds=np.asarray(routes.thresholds(), dtype=np.float32),
+            thresholds=np.asarray(routes.thresholds(default_threshold), dtype=np.float32),
             utterances=tuple(utterances_of(routes)),
             utterance_route=np.asarray(route_of, dtype=np.intp),
             utterance_embeddings=utterance_embeddings,
+            head=head,
+            auto=auto,
         )
 
     @property
@@ -160,8 +253,8 @@ class Decisions:
 
     route: np.ndarray  # (B,) intp, index into names, -1 = fallback
     best: np.ndarray  # (B,) intp, the chosen route, or for a fallback the top-scoring one
-    score: np.ndarray  # (B,) float32, score of best
-    threshold: np.ndarray  # (B,) float32, the threshold best was compared to
+    score: np.ndarray  # (B,) float32, score of best (head: its calibrated probability)
+    threshold: np.ndarray  # (B,) float32, the threshold best's score was compared to
     runner_up: np.ndarray  # (B,) intp, highest-scoring other route, -1 when there is none
     runner_up_score: np.ndarray  # (B,) float32, NaN when runner_up == -1
     margin: np.ndarray  # (B,) float32, score - runner_up_score (NaN when no runner-up)
@@ -169,6 +262,9 @@ class Decisions:
     nearest_score: np.ndarray  # (B,) float32
     top_routes: np.ndarray  # (B, k) intp, by score, -1 past the routes that have a score
     top_scores: np.ndarray  # (B, k) float32, -inf past the routes that have a score
+    reason: np.ndarray  # (B,) int8, index into FALLBACK_REASONS (0 = not a fallback)
+    top_similarity: np.ndarray  # (B, k) float32, the top routes' nearest-utterance cosines
+    floor: np.ndarray  # (B,) float32, head: best's similarity floor (NaN otherwise)
 
     def __len__(self) -> int:
         return int(self.route.shape[0])
@@ -178,16 +274,24 @@ class Decisions:
         return np.asarray(self.route < 0)
 
     def explain(self, i: int, table: RouteTable) -> dict[str, Any]:
-        """Decision ``i`` as a JSON-ready dict."""
+        """Decision ``i`` as a JSON-ready dict: which method decided, the chosen route or the
+        fallback and why, the scores (head: calibrated probabilities, with each top route's
+        nearest-utterance cosine as ``similarity``) and the nearest example utterance."""
         route = int(self.route[i])
         runner_up = int(self.runner_up[i])
         utterance = int(self.nearest_utterance[i])
-        top = [
-            {"route": table.names[int(r)], "score": _round(s)}
-            for r, s in zip(self.top_routes[i], self.top_scores[i], strict=True)
-            if r >= 0
-        ]
-        return {
+        is_head = table.method == "head"
+        top = []
+        for r, s, sim in zip(
+            self.top_routes[i], self.top_scores[i], self.top_similarity[i], strict=True
+        ):
+            if r < 0:
+                continue
+            entry: dict[str, Any] = {"route": table.names[int(r)], "score": _round(s)}
+            if is_head:
+                entry["similarity"] = _round(sim)
+            top.append(entry)
+        explained: dict[str, Any] = {
             "route": table.name_of(route),
             "is_fallback": route < 0,
             "best": table.names[int(self.best[i])],
@@ -205,7 +309,14 @@ class Decisions:
                 "score": _round(self.nearest_score[i]),
             },
             "top": top,
+            "fallback_reason": FALLBACK_REASONS[int(self.reason[i])],
         }
+        if is_head:
+            explained["similarity"] = _round(self.nearest_score[i])
+            explained["min_similarity"] = _round(self.floor[i])
+        if table.auto:
+            explained["auto"] = True
+        return explained
 
     def explain_all(self, table: RouteTable) -> list[dict[str, Any]]:
         return [self.explain(i, table) for i in range(len(self))]
@@ -213,24 +324,91 @@ class Decisions:
 
 def similarities(table: RouteTable, queries: np.ndarray) -> np.ndarray:
     """The (B x U) cosine matrix between normalised queries and the table's utterances."""
+    q = _queries(table, queries)
+    sims: np.ndarray = q @ table.utterance_embeddings.T
+    return sims
+
+
+def _queries(table: RouteTable, queries: np.ndarray) -> np.ndarray:
     q = np.asarray(queries, dtype=np.float32)
     if q.ndim == 1 and q.size == 0:
         q = q.reshape(0, table.dim)
     if q.ndim != 2 or q.shape[1] != table.dim:
         raise ValueError(f"queries: expected shape (B, {table.dim}), got {q.shape}")
-    sims: np.ndarray = q @ table.utterance_embeddings.T
-    return sims
+    return q
 
 
 def route_scores(table: RouteTable, sims: np.ndarray) -> np.ndarray:
-    """The (B x R) route scores of the table's method; ``-inf`` where a route has no score."""
+    """The (B x R) route scores of a similarity method; ``-inf`` where a route has no score.
+    (The head needs the queries too: see ``score_matrix``.)"""
+    if table.method not in METHODS:
+        raise ValueError(f"route_scores: {table.method!r} is not a similarity method")
     return METHODS[table.method](table, sims)
 
 
-def choose(scores: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(route, best)``: the highest-scoring route that passes its threshold (-1 when none
-    does), and that route or, for a fallback, the highest-scoring route."""
-    passing = scores >= thresholds[None, :]
+@dataclass(frozen=True, eq=False)
+class ScoreMatrix:
+    """Everything the decision needs for a batch, before choosing."""
+
+    sims: np.ndarray  # (B, U) cosines with every utterance
+    scores: np.ndarray  # (B, R) the method's route scores (head: calibrated probabilities)
+    nearest: np.ndarray  # (B, R) each route's nearest-utterance cosine
+    passing: np.ndarray  # (B, R) bool, the route passes every test of the method
+
+
+def head_probabilities(head: HeadParams, queries: np.ndarray, nearest: np.ndarray) -> np.ndarray:
+    """``softmax((log_softmax(q W + b) + blend * nearest) / temperature)``, float32."""
+    logits = queries @ head.weights + head.bias
+    logits -= logits.max(axis=1, keepdims=True)
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    z = (log_p + np.float32(head.blend) * nearest) / np.float32(head.temperature)
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    out: np.ndarray = (e / e.sum(axis=1, keepdims=True)).astype(np.float32, copy=False)
+    return out
+
+
+def _margins(scores: np.ndarray) -> np.ndarray:
+    """Each route's lead over the best other route (negative for all but the top one)."""
+    n_routes = scores.shape[1]
+    if n_routes < 2:
+        return np.full_like(scores, np.inf)
+    order = np.argpartition(-scores, 1, axis=1)[:, :2]
+    first = np.take_along_axis(scores, order[:, :1], axis=1)
+    second = np.take_along_axis(scores, order[:, 1:2], axis=1)
+    top = np.maximum(first, second)
+    runner = np.minimum(first, second)
+    other = np.where(scores >= top, runner, top)
+    out: np.ndarray = scores - other
+    return out
+
+
+def score_matrix(table: RouteTable, queries: np.ndarray) -> ScoreMatrix:
+    """The scores and pass/fail of every route for a batch of normalised queries."""
+    q = _queries(table, queries)
+    sims: np.ndarray = q @ table.utterance_embeddings.T
+    nearest = _aggregate_max(table, sims)
+    if table.method == "head":
+        head = table.head
+        assert head is not None
+        scores = head_probabilities(head, q, nearest)
+        passing = (scores >= head.min_confidence[None, :]) & (nearest >= table.thresholds[None, :])
+        if head.min_margin is not None:
+            passing &= _margins(scores) >= np.float32(head.min_margin)
+    else:
+        scores = nearest if table.method == "max" else METHODS[table.method](table, sims)
+        passing = scores >= table.thresholds[None, :]
+    return ScoreMatrix(sims=sims, scores=scores, nearest=nearest, passing=passing)
+
+
+def choose(
+    scores: np.ndarray, thresholds: np.ndarray, passing: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(route, best)``: the highest-scoring route that passes (its score ``>=`` its
+    threshold, or ``passing`` when given; -1 when none does), and that route or, for a
+    fallback, the highest-scoring route."""
+    if passing is None:
+        passing = scores >= thresholds[None, :]
     chosen = np.where(passing, scores, -np.inf).argmax(axis=1)
     any_pass = passing.any(axis=1)
     route = np.where(any_pass, chosen, -1).astype(np.intp)
@@ -238,13 +416,37 @@ def choose(scores: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.n
     return route, best
 
 
+def _reasons(table: RouteTable, m: ScoreMatrix, route: np.ndarray, best: np.ndarray) -> np.ndarray:
+    rows = np.arange(len(route))
+    reason = np.zeros(len(route), dtype=np.int8)
+    fallback = route < 0
+    if table.method != "head":
+        reason[fallback] = FALLBACK_REASONS.index("below_threshold")
+        return reason
+    head = table.head
+    assert head is not None
+    low_similarity = m.nearest[rows, best] < table.thresholds[best]
+    low_confidence = m.scores[rows, best] < head.min_confidence[best]
+    code = np.where(
+        low_similarity,
+        FALLBACK_REASONS.index("low_similarity"),
+        np.where(
+            low_confidence,
+            FALLBACK_REASONS.index("low_confidence"),
+            FALLBACK_REASONS.index("low_margin"),
+        ),
+    )
+    reason[fallback] = code[fallback]
+    return reason
+
+
 def decide(table: RouteTable, queries: np.ndarray) -> Decisions:
     """Route a batch of L2-normalised query embeddings ``(B, D)``."""
-    sims = similarities(table, queries)
-    scores = route_scores(table, sims)
+    m = score_matrix(table, queries)
+    scores, sims = m.scores, m.sims
     n_rows, n_routes = scores.shape
     rows = np.arange(n_rows)
-    route, best = choose(scores, table.thresholds)
+    route, best = choose(scores, table.thresholds, m.passing)
     score = scores[rows, best]
 
     others = scores.copy()
@@ -263,11 +465,19 @@ def decide(table: RouteTable, queries: np.ndarray) -> Decisions:
     top_scores = np.take_along_axis(scores, order, axis=1).astype(np.float32)
     top_routes = np.where(np.isfinite(top_scores), order, -1).astype(np.intp)
 
+    if table.method == "head":
+        assert table.head is not None
+        threshold = table.head.min_confidence[best]
+        floor = table.thresholds[best]
+    else:
+        threshold = table.thresholds[best]
+        floor = np.full(n_rows, np.nan, dtype=np.float32)
+
     return Decisions(
         route=route,
         best=best,
         score=score.astype(np.float32),
-        threshold=table.thresholds[best].astype(np.float32),
+        threshold=threshold.astype(np.float32),
         runner_up=runner_up,
         runner_up_score=runner_up_score,
         margin=(score - runner_up_score).astype(np.float32),
@@ -275,4 +485,7 @@ def decide(table: RouteTable, queries: np.ndarray) -> Decisions:
         nearest_score=sims[rows, nearest].astype(np.float32),
         top_routes=top_routes,
         top_scores=top_scores,
+        reason=_reasons(table, m, route, best),
+        top_similarity=np.take_along_axis(m.nearest, order, axis=1).astype(np.float32),
+        floor=floor.astype(np.float32),
     )

@@ -66,6 +66,19 @@ def make_producer(settings: Settings) -> AIOKafkaProducer:
     )
 
 
+def make_transactional_producer(settings: Settings, transactional_id: str) -> AIOKafkaProducer:
+    """A producer for one input partition's transactions (``delivery: exactly_once``)."""
+    return AIOKafkaProducer(
+        **_security_kwargs(settings.kafka),
+        acks="all",
+        enable_idempotence=True,
+        transactional_id=transactional_id,
+        transaction_timeout_ms=settings.flow.transaction_timeout_ms,
+        linger_ms=5,
+        max_request_size=4 * 1024 * 1024,
+    )
+
+
 class _Partition:
     __slots__ = ("done", "next_offset", "pending")
 

@@ -1,16 +1,42 @@
-"""A router: routes plus an encoder. Encodes the utterances once, then routes batches."""
+"""A router: routes plus an encoder. Encodes the utterances once, then routes batches.
+
+For ``method: head`` and ``method: auto`` the route head is trained (or loaded from its cache)
+when the router is built; ``auto`` is resolved there, once, deterministically: see
+``resolve_routes``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from semroute_stream._decision import Decisions, RouteTable, decide, utterances_of
+from semroute_stream._decision import Decisions, HeadParams, RouteTable, decide, utterances_of
+from semroute_stream._heads import (
+    AUTO_MIN_HELD_OUT,
+    HeadModel,
+    MethodChoice,
+    choose_method,
+    default_head_cache_dir,
+    fold_of,
+    head_cache_key,
+    load_or_train_head,
+    name_text,
+)
 from semroute_stream._routes import RoutesConfig, routes_version
 
-__all__ = ["Router", "TextEncoder"]
+__all__ = [
+    "Resolution",
+    "Router",
+    "TextEncoder",
+    "head_texts",
+    "needs_head",
+    "resolve_routes",
+    "train_route_head",
+]
 
 
 class TextEncoder(Protocol):
@@ -27,13 +53,257 @@ class TextEncoder(Protocol):
         ...
 
 
-class Router:
-    """Routes texts or embeddings with one routes config and one encoder."""
+@dataclass(frozen=True, eq=False)
+class Resolution:
+    """How a routes file became a route table: the method used and where it came from."""
 
-    def __init__(self, routes: RoutesConfig, encoder: TextEncoder) -> None:
+    table: RouteTable
+    requested: str  # the method the routes asked for (auto, max, top5_mean, head)
+    choice: MethodChoice | None  # the cross-validation's choice and derived defaults
+    head: HeadModel | None  # the trained head (auto and head)
+    name_embeddings: np.ndarray | None
+    note: str = ""  # why auto did not try the head
+
+    @property
+    def method(self) -> str:
+        return self.table.method
+
+    def record(self, routes: RoutesConfig) -> RoutesConfig:
+        """``routes`` with this resolution written out: the concrete method and, where the
+        file left them null, the settings derived from the cross-validation -- loading the
+        result gives the same table without cross-validating again."""
+        out = routes.model_copy(deep=True)
+        table = self.table
+        out.method = table.method
+        if table.method == "head" and table.head is not None and self.choice is not None:
+            settings = out.head
+            out.head = settings.model_copy(
+                update={
+                    "blend": table.head.blend if settings.blend is None else settings.blend,
+                    "temperature": (
+                        table.head.temperature
+                        if settings.temperature is None
+                        else settings.temperature
+                    ),
+                    "min_confidence": (
+                        self.choice.min_confidence
+                        if settings.min_confidence is None
+                        else settings.min_confidence
+                    ),
+                }
+            )
+            if out.default_threshold is None:
+                out.default_threshold = self.choice.min_similarity
+        elif self.choice is not None and out.default_threshold is None:
+            out.default_threshold = self.choice.similarity_threshold
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready account of the method choice and the head's training/cache."""
+        out: dict[str, Any] = {"requested": self.requested, "method": self.table.method}
+        if self.note:
+            out["note"] = self.note
+        if self.table.head is not None:
+            head = self.table.head
+            out["blend"] = head.blend
+            out["temperature"] = head.temperature
+            out["min_margin"] = head.min_margin
+        if self.choice is not None:
+            out["choice"] = self.choice.as_dict()
+        if self.head is not None:
+            out["head_cache"] = "hit" if self.head.cached else "miss"
+            out["head_seconds"] = round(self.head.seconds, 4)
+            out["head_key"] = self.head.key
+        return out
+
+
+def _held_out_count(routes: RoutesConfig) -> int:
+    route_of = np.array(
+        [i for i, route in enumerate(routes.routes) for _ in route.utterances], dtype=np.intp
+    )
+    return int(np.sum(fold_of(route_of) >= 0))
+
+
+AUTO_MAX_CELLS = 4_000_000
+"""``auto`` leaves the head out (nearest utterance) when utterances x routes exceed this:
+training and cross-validating it when the routes load would take more than about half a
+minute on two cores (150 routes x 1,500 utterances = 225,000 take about a second). Set
+``method: head`` to train it anyway (it is cached), or run ``fit``."""
+
+
+def auto_without_head(routes: RoutesConfig) -> str | None:
+    """Why ``auto`` resolves to the nearest utterance without trying the head, or None."""
+    n_utterances = sum(len(route.utterances) for route in routes.routes)
+    if len(routes.routes) < 2:
+        return "a single route"
+    held_out = _held_out_count(routes)
+    if held_out < AUTO_MIN_HELD_OUT:
+        return f"too few utterances to cross-validate ({held_out} < {AUTO_MIN_HELD_OUT})"
+    if n_utterances * len(routes.routes) > AUTO_MAX_CELLS:
+        return (
+            f"{len(routes.routes)} routes x {n_utterances} utterances is too much to train "
+            "the head at load time (set method: head, or run fit)"
+        )
+    return None
+
+
+def needs_head(routes: RoutesConfig) -> bool:
+    """Whether building these routes trains the head (``head``, or ``auto`` with enough
+    utterances to cross-validate and not too many)."""
+    if routes.method == "head":
+        return True
+    return routes.method == "auto" and auto_without_head(routes) is None
+
+
+def head_texts(routes: RoutesConfig) -> list[str]:
+    """The extra training texts of the head: the route names, when ``use_names``."""
+    return [name_text(route.name) for route in routes.routes] if routes.head.use_names else []
+
+
+def resolve_routes(
+    routes: RoutesConfig,
+    utterance_embeddings: np.ndarray,
+    name_embeddings: np.ndarray | None,
+    *,
+    model_name: str,
+    cache_dir: Path | None,
+) -> Resolution:
+    """Compile ``routes`` into a route table, resolving ``auto`` and training the head.
+
+    * ``max``/``top5_mean``: no head; routes without a threshold get ``default_threshold``
+      (0.5 when the file sets none).
+    * ``head``: the head is trained on the utterances (and names); what the file leaves
+      ``null`` (blend, temperature, confidence and similarity floors) comes from a 5-fold
+      cross-validation on the utterances.
+    * ``auto``: the same cross-validation compares max, top5_mean and the head at several
+      blends and takes the most accurate; too few utterances to cross-validate -> ``max``.
+
+    Training and cross-validation are cached under ``cache_dir`` (None: no cache)."""
+    requested = routes.method
+    u = np.asarray(utterance_embeddings, dtype=np.float32)
+    if not needs_head(routes):
+        method = "max" if requested == "auto" else requested
+        note = (auto_without_head(routes) or "") if requested == "auto" else ""
+        table = RouteTable.build(routes, u, method=method, auto=requested == "auto")
+        return Resolution(table, requested, None, None, name_embeddings, note)
+
+    settings = routes.head
+    derive = requested == "auto" or any(
+        value is None for value in (settings.blend, settings.temperature, settings.min_confidence)
+    )
+    derive = derive or (
+        routes.default_threshold is None and any(r.threshold is None for r in routes.routes)
+    )
+    model = train_route_head(
+        routes, u, name_embeddings, model_name=model_name, cache_dir=cache_dir, with_cv=derive
+    )
+    choice: MethodChoice | None = None
+    if model.cv is not None:
+        allowed = ("max", "top5_mean", "head") if requested == "auto" else ("head",)
+        choice = choose_method(model.cv, allowed=allowed, blend=settings.blend)
+    method = choice.method if choice is not None else "head"
+    auto = requested == "auto"
+    if method != "head":
+        assert choice is not None
+        table = RouteTable.build(
+            routes, u, method=method, default_threshold=choice.similarity_threshold, auto=auto
+        )
+        return Resolution(table, requested, choice, model, name_embeddings)
+
+    def pick(value: float | None, derived: float | None) -> float:
+        return float(value if value is not None else (derived if derived is not None else 0.0))
+
+    blend = pick(settings.blend, choice.blend if choice else None)
+    temperature = pick(settings.temperature, choice.temperature if choice else None) or 1.0
+    confidence = pick(settings.min_confidence, choice.min_confidence if choice else None)
+    per_route = np.array(
+        [confidence if r.min_confidence is None else r.min_confidence for r in routes.routes],
+        dtype=np.float32,
+    )
+    head = HeadParams(
+        weights=model.weights,
+        bias=model.bias,
+        blend=blend,
+        temperature=temperature,
+        min_confidence=per_route,
+        min_margin=settings.min_margin,
+    )
+    floor = choice.min_similarity if choice is not None else None
+    table = RouteTable.build(
+        routes, u, method="head", head=head, default_threshold=floor, auto=auto
+    )
+    return Resolution(table, requested, choice, model, name_embeddings)
+
+
+def train_route_head(
+    routes: RoutesConfig,
+    utterance_embeddings: np.ndarray,
+    name_embeddings: np.ndarray | None,
+    *,
+    model_name: str,
+    cache_dir: Path | None,
+    with_cv: bool = True,
+) -> HeadModel:
+    """The head of ``routes`` (trained on its utterances, plus the names when
+    ``head.use_names``), with its cross-validation when ``with_cv``; cached in ``cache_dir``."""
+    u = np.asarray(utterance_embeddings, dtype=np.float32)
+    route_of = np.array(
+        [i for i, route in enumerate(routes.routes) for _ in route.utterances], dtype=np.intp
+    )
+    names = name_embeddings if routes.head.use_names else None
+    key = head_cache_key(
+        model_name,
+        [route.name for route in routes.routes],
+        [route.utterances for route in routes.routes],
+        l2=routes.head.l2,
+        use_names=names is not None,
+        with_cv=with_cv,
+        dim=int(u.shape[1]),
+    )
+    return load_or_train_head(
+        u,
+        route_of,
+        names,
+        len(routes.routes),
+        key=key,
+        l2=routes.head.l2,
+        with_cv=with_cv,
+        cache_dir=cache_dir,
+    )
+
+
+class Router:
+    """Routes texts or embeddings with one routes config and one encoder.
+
+    ``cache_dir``: where trained route heads are cached (default: ``heads/`` under the
+    encoder's cache root, see ``_model_build.default_cache_root``); ``cache=False``: none."""
+
+    def __init__(
+        self,
+        routes: RoutesConfig,
+        encoder: TextEncoder,
+        *,
+        cache_dir: Path | None = None,
+        cache: bool = True,
+    ) -> None:
         self.routes = routes
         self.encoder = encoder
-        self.table = RouteTable.build(routes, encoder.encode(utterances_of(routes)))
+        texts = utterances_of(routes)
+        extra = head_texts(routes) if needs_head(routes) else []
+        embeddings = encoder.encode(texts + extra)
+        self.utterance_embeddings = np.asarray(embeddings[: len(texts)], dtype=np.float32)
+        name_embeddings = np.asarray(embeddings[len(texts) :], dtype=np.float32) if extra else None
+        directory = (cache_dir or default_head_cache_dir()) if cache else None
+        self.cache_dir = directory
+        self.name_embeddings = name_embeddings
+        self.resolution = resolve_routes(
+            routes,
+            self.utterance_embeddings,
+            name_embeddings,
+            model_name=encoder.model_name,
+            cache_dir=directory,
+        )
+        self.table = self.resolution.table
         self.version = routes_version(routes)
 
     def decide(self, embeddings: np.ndarray) -> Decisions:

@@ -2,18 +2,40 @@
 
 YAML or JSON with one schema (see ``config/routes.example.yaml``)::
 
-    default_threshold: 0.5      # used by every route that has no threshold of its own
-    method: max                 # how utterance similarities become a route score
+    method: auto                # auto (default) | max | top5_mean | head
+    default_threshold: null     # see below; null = the method's default
     top_k: 3                    # how many routes each explanation lists
+    head:                       # the learned route head (method head, or auto choosing it)
+      blend: null               # weight of the nearest-utterance cosine added to the head's
+                                #   log-probabilities (0 = head alone); null = chosen by CV
+      temperature: null         # calibration: softmax(score / T); null = fitted by CV
+      min_confidence: null      # fall back below this calibrated probability; null = from CV
+      min_margin: null          # fall back when the lead over the runner-up (probability) is
+                                #   below this; null = no margin rule
+      l2: 0.0001                # L2 regularisation of the head
+      use_names: true           # each route's name is one more training example
     fallback: {name: fallback, endpoint: null, model: null, system_prompt: null}
     routes:
       - name: billing
         utterances: ["i was charged twice", ...]
-        threshold: 0.45         # optional, in [-1, 1]
+        threshold: 0.45         # optional, in [-1, 1]: a cosine (see below)
+        min_confidence: null    # optional, head only: this route's probability floor
         endpoint: billing-llm   # optional, an endpoint of the service config
         model: null             # optional per-route model override
         system_prompt: null     # optional per-route system prompt
         metadata: {team: billing}
+
+Methods: ``max`` scores each route by its nearest utterance's cosine, ``top5_mean`` is
+semantic-router's rule, ``head`` is a logistic-regression route head trained on the utterances
+when the routes load (cached), blended with the nearest-utterance cosine. ``auto`` picks one of
+them by cross-validation on the utterances when the routes load (deterministic, cached with
+the head; too few utterances -> ``max``); ``semroute-stream fit`` picks on labelled data and
+writes the choice.
+
+Thresholds are always cosines: for ``max``/``top5_mean`` the score a route must reach (default
+0.5; with ``auto`` the default is derived from the cross-validation), for ``head`` the floor on
+the route's nearest-utterance cosine (default derived from the cross-validation). The head's
+confidence floors are ``head.min_confidence`` and each route's ``min_confidence``.
 
 Unknown top-level keys (``source``, ``license``) are ignored; unknown route keys (``domain``,
 ``intents``) are kept in the route's ``metadata``. A key that looks like a misspelt field
@@ -41,17 +63,26 @@ from pydantic import (
     model_validator,
 )
 
-from semroute_stream._decision import METHODS
+from semroute_stream._decision import DECISION_METHODS
 from semroute_stream._errors import ConfigError
 
 __all__ = [
+    "DEFAULT_SIMILARITY_THRESHOLD",
+    "ROUTES_METHODS",
     "Fallback",
+    "HeadConfig",
     "Route",
     "RoutesConfig",
     "load_routes",
     "routes_version",
     "save_routes",
 ]
+
+
+ROUTES_METHODS: tuple[str, ...] = ("auto", *DECISION_METHODS)
+"""What a routes file's ``method`` may say."""
+DEFAULT_SIMILARITY_THRESHOLD = 0.5
+"""The default threshold of ``max``/``top5_mean`` when the file sets none."""
 
 
 def _reject_misspelt(data: dict[str, Any], known: set[str]) -> None:
@@ -79,6 +110,7 @@ class Route(BaseModel):
 
     name: str
     threshold: float | None = Field(default=None, ge=-1.0, le=1.0, allow_inf_nan=False)
+    min_confidence: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
     endpoint: str | None = None
     model: str | None = None
     system_prompt: str | None = None
@@ -129,14 +161,28 @@ class Fallback(BaseModel):
         return value
 
 
+class HeadConfig(BaseModel):
+    """The learned route head's settings; ``None`` = chosen/derived when the routes load."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    blend: float | None = Field(default=None, ge=0.0, le=1000.0, allow_inf_nan=False)
+    temperature: float | None = Field(default=None, gt=0.0, le=1000.0, allow_inf_nan=False)
+    min_confidence: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
+    min_margin: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
+    l2: float = Field(default=1e-4, gt=0.0, le=10.0, allow_inf_nan=False)
+    use_names: bool = True
+
+
 class RoutesConfig(BaseModel):
     """A whole routes file."""
 
     model_config = ConfigDict(extra="ignore")
 
-    default_threshold: float = Field(default=0.5, ge=-1.0, le=1.0, allow_inf_nan=False)
-    method: str = "max"
+    default_threshold: float | None = Field(default=None, ge=-1.0, le=1.0, allow_inf_nan=False)
+    method: str = "auto"
     top_k: int = Field(default=3, ge=1)
+    head: HeadConfig = Field(default_factory=HeadConfig)
     fallback: Fallback = Field(default_factory=Fallback)
     routes: list[Route] = Field(min_length=1)
 
@@ -150,8 +196,8 @@ class RoutesConfig(BaseModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        if value not in METHODS:
-            raise ValueError(f"unknown method {value!r} (known: {', '.join(sorted(METHODS))})")
+        if value not in ROUTES_METHODS:
+            raise ValueError(f"unknown method {value!r} (known: {', '.join(ROUTES_METHODS)})")
         return value
 
     @model_validator(mode="after")
@@ -179,12 +225,16 @@ class RoutesConfig(BaseModel):
     def names(self) -> tuple[str, ...]:
         return tuple(route.name for route in self.routes)
 
-    def thresholds(self) -> list[float]:
-        """Each route's threshold, with the default filled in."""
-        return [
-            self.default_threshold if route.threshold is None else route.threshold
-            for route in self.routes
-        ]
+    def thresholds(self, default: float | None = None) -> list[float]:
+        """Each route's threshold, with the default filled in: the file's
+        ``default_threshold``, else ``default``, else ``DEFAULT_SIMILARITY_THRESHOLD``."""
+        fill = self.effective_default_threshold(default)
+        return [fill if route.threshold is None else route.threshold for route in self.routes]
+
+    def effective_default_threshold(self, default: float | None = None) -> float:
+        if self.default_threshold is not None:
+            return self.default_threshold
+        return DEFAULT_SIMILARITY_THRESHOLD if default is None else default
 
 
 # --- reading and writing -------------------------------------------------------------------
@@ -273,17 +323,21 @@ def dump_routes(cfg: RoutesConfig) -> dict[str, Any]:
     """The routes as plain data, as ``save_routes`` writes them (empty route fields left out)."""
     routes = []
     for route in cfg.routes:
-        data = route.model_dump(mode="json", exclude_none=True)
-        if not data.get("metadata"):
-            data.pop("metadata", None)
-        routes.append(data)
-    return {
-        "default_threshold": cfg.default_threshold,
-        "method": cfg.method,
-        "top_k": cfg.top_k,
-        "fallback": cfg.fallback.model_dump(mode="json"),
-        "routes": routes,
-    }
+        entry = route.model_dump(mode="json", exclude_none=True)
+        if not entry.get("metadata"):
+            entry.pop("metadata", None)
+        routes.append(entry)
+    data: dict[str, Any] = {}
+    if cfg.default_threshold is not None:
+        data["default_threshold"] = cfg.default_threshold
+    data["method"] = cfg.method
+    data["top_k"] = cfg.top_k
+    head = cfg.head.model_dump(mode="json", exclude_defaults=True)
+    if head:
+        data["head"] = head
+    data["fallback"] = cfg.fallback.model_dump(mode="json")
+    data["routes"] = routes
+    return data
 
 
 def save_routes(cfg: RoutesConfig, path: str | Path) -> None:

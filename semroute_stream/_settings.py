@@ -95,6 +95,43 @@ class FlowConfig(_Section):
     drain_timeout_s: float = Field(default=30.0, ge=0)
     rebalance_drain_timeout_s: float = Field(default=10.0, ge=0)
     circuit_open_max_wait_s: float = Field(default=300.0, ge=0)
+    transaction_timeout_ms: int = Field(default=60_000, ge=1_000)  # exactly_once only
+
+
+class ObservabilityConfig(_Section):
+    """The HTTP server for ``/metrics``, ``/livez`` and ``/readyz`` (off unless a port is set)."""
+
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)  # None: no server; 0: any
+    host: str = "127.0.0.1"
+    # /readyz turns 503 when the consumer makes no progress for this long (see docs/operations.md)
+    stall_timeout_s: float = Field(default=30.0, gt=0)
+
+
+class LoggingConfig(_Section):
+    """Log format and level. Message text is never logged unless ``log_message_text``."""
+
+    format: Literal["text", "json"] = "text"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    log_message_text: bool = False
+
+
+class ReloadConfig(_Section):
+    """Hot reload of the routes file: checked every ``watch_interval_s`` (0: on SIGHUP only)."""
+
+    watch_interval_s: float = Field(default=5.0, ge=0)
+
+
+class TracingConfig(_Section):
+    """OpenTelemetry spans (needs ``pip install 'semroute-stream[otel]'``); off by default.
+
+    ``exporter``: ``otlp`` (OTLP/HTTP, configured by the standard ``OTEL_EXPORTER_OTLP_*``
+    variables), ``console`` (spans printed to stdout), or ``global`` (use the tracer provider the
+    host process already set up, e.g. with ``opentelemetry-instrument``).
+    """
+
+    enabled: bool = False
+    exporter: Literal["otlp", "console", "global"] = "otlp"
+    service_name: str = "semroute-stream"
 
 
 class Settings(BaseSettings):
@@ -109,7 +146,7 @@ class Settings(BaseSettings):
 
     routes: Path
     mode: Literal["llm", "route_only"] = "llm"
-    delivery: Literal["at_least_once"] = "at_least_once"
+    delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
     kafka: KafkaConfig = KafkaConfig()
     input: InputConfig
     output: OutputConfig
@@ -117,6 +154,10 @@ class Settings(BaseSettings):
     flow: FlowConfig = FlowConfig()
     encoder: EncoderConfig = EncoderConfig()
     endpoints: dict[str, EndpointConfig] = {}
+    observability: ObservabilityConfig = ObservabilityConfig()
+    logging: LoggingConfig = LoggingConfig()
+    reload: ReloadConfig = ReloadConfig()
+    tracing: TracingConfig = TracingConfig()
 
     @classmethod
     def settings_customise_sources(

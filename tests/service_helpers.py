@@ -100,8 +100,9 @@ def make_settings(
             "model": f"{name}-model",
             "max_attempts": 3,
             "backoff_initial_s": 0.01,
-            "backoff_max_s": 0.05,
+            "backoff_max_s": 1.0,  # caps Retry-After too
             "timeout_s": 5,
+            "circuit_reset_s": 2,
         }
         for name, url in (endpoints or {}).items()
     }

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from fakes import FakeEncoder
 
-from semroute_stream._decision import METHODS, Decisions, RouteTable, decide
+from semroute_stream._decision import (
+    FALLBACK_REASONS,
+    METHODS,
+    Decisions,
+    HeadParams,
+    RouteTable,
+    decide,
+)
 from semroute_stream._router import Router
 from semroute_stream._routes import RoutesConfig, routes_version
 
@@ -195,10 +202,12 @@ def test_explain_is_json_ready_and_complete() -> None:
             {"route": "b", "score": pytest.approx(0.9)},
             {"route": "a", "score": pytest.approx(0.7)},
         ],
+        "fallback_reason": None,
     }
     fallback = one(table_fallback).explain(0, table_fallback)
     assert fallback["route"] == "fallback" and fallback["is_fallback"] is True
     assert fallback["best"] == "b"
+    assert fallback["fallback_reason"] == "below_threshold"
     for value in (explained["score"], explained["threshold"], explained["margin"]):
         assert type(value) is float
 
@@ -305,3 +314,114 @@ def test_router_encodes_utterances_once_and_explains_each_text() -> None:
     assert router.route([]) == []
     assert encoder.calls == [3, 3]
     assert len(router.decide(encoder.encode(["x", "y"]))) == 2
+
+
+# --- the head method -----------------------------------------------------------------------
+
+
+def _head_reference(table: RouteTable, q: np.ndarray) -> tuple[int, int, list[float], str | None]:
+    """A slow, obvious implementation of the head's decision for one query."""
+    head = table.head
+    assert head is not None
+    n_routes = len(table.names)
+    sims = [float(np.dot(q, u)) for u in table.utterance_embeddings]
+    nearest = [
+        max(s for s, r in zip(sims, table.utterance_route, strict=True) if r == k)
+        for k in range(n_routes)
+    ]
+    logits = [float(np.dot(q, head.weights[:, k]) + head.bias[k]) for k in range(n_routes)]
+    log_z = math.log(sum(math.exp(v) for v in logits))
+    scores = [
+        (v - log_z + head.blend * n) / head.temperature
+        for v, n in zip(logits, nearest, strict=True)
+    ]
+    z = sum(math.exp(s) for s in scores)
+    p = [math.exp(s) / z for s in scores]
+
+    def passes(k: int) -> bool:
+        lead = p[k] - max(p[j] for j in range(n_routes) if j != k)
+        return (
+            p[k] >= head.min_confidence[k]
+            and nearest[k] >= table.thresholds[k]
+            and (head.min_margin is None or lead >= head.min_margin)
+        )
+
+    order = sorted(range(n_routes), key=lambda k: (-p[k], k))
+    passing = [k for k in order if passes(k)]
+    route = passing[0] if passing else -1
+    best = route if route >= 0 else order[0]
+    reason = None
+    if route < 0:
+        if nearest[best] < table.thresholds[best]:
+            reason = "low_similarity"
+        elif p[best] < head.min_confidence[best]:
+            reason = "low_confidence"
+        else:
+            reason = "low_margin"
+    return route, best, p, reason
+
+
+@pytest.mark.parametrize("min_margin", [None, 0.2])
+def test_head_matches_a_naive_reference_on_random_data(min_margin: float | None) -> None:
+    rng = np.random.default_rng(11)
+    sizes = [2, 3, 1, 4, 2]
+    n_routes = len(sizes)
+    utts = rng.normal(size=(sum(sizes), 8))
+    utts /= np.linalg.norm(utts, axis=1, keepdims=True)
+    queries = rng.normal(size=(80, 8))
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    cfg = RoutesConfig.model_validate(
+        {
+            "method": "head",
+            "default_threshold": -0.1,
+            "routes": [
+                {
+                    "name": f"r{k}",
+                    "utterances": [f"r{k} {i}" for i in range(n)],
+                    "threshold": 0.3 if k == 1 else None,
+                }
+                for k, n in enumerate(sizes)
+            ],
+        }
+    )
+    head = HeadParams(
+        weights=rng.normal(size=(8, n_routes)).astype(np.float32),
+        bias=rng.normal(size=n_routes).astype(np.float32),
+        blend=1.5,
+        temperature=0.7,
+        min_confidence=np.array([0.3, 0.2, 0.5, 0.25, 0.4], dtype=np.float32),
+        min_margin=min_margin,
+    )
+    table = RouteTable.build(cfg, utts.astype(np.float32), head=head)
+    d = decide(table, queries.astype(np.float32))
+    reasons: set[str | None] = set()
+    for i, q in enumerate(queries.astype(np.float32)):
+        route, best, p, reason = _head_reference(table, q)
+        assert d.route[i] == route
+        assert d.best[i] == best
+        assert d.score[i] == pytest.approx(p[best], abs=1e-5)
+        assert d.threshold[i] == pytest.approx(head.min_confidence[best])
+        assert FALLBACK_REASONS[d.reason[i]] == reason
+        reasons.add(reason)
+    assert {None, "low_confidence", "low_similarity"} <= reasons
+    if min_margin is not None:
+        assert "low_margin" in reasons
+
+
+def test_a_head_table_needs_a_head_of_the_right_shape() -> None:
+    cfg = RoutesConfig.model_validate(
+        {"method": "head", "routes": [{"name": "a", "utterances": ["x"]}]}
+    )
+    with pytest.raises(ValueError, match="needs a trained head"):
+        RouteTable.build(cfg, np.eye(1, 4, dtype=np.float32))
+    wrong = HeadParams(weights=np.zeros((3, 1), np.float32), bias=np.zeros(1, np.float32))
+    with pytest.raises(ValueError, match="weights of shape"):
+        RouteTable.build(cfg, np.eye(1, 4, dtype=np.float32), head=wrong)
+    with pytest.raises(ValueError, match="temperature"):
+        HeadParams(np.zeros((4, 1)), np.zeros(1), temperature=0.0)
+    with pytest.raises(ValueError, match="min_confidence"):
+        HeadParams(np.zeros((4, 2)), np.zeros(2), min_confidence=np.zeros(3))
+    # A routes file saying auto compiles as max when built directly (Router resolves auto).
+    auto = RoutesConfig.model_validate({"routes": [{"name": "a", "utterances": ["x"]}]})
+    table = RouteTable.build(auto, np.eye(1, 4, dtype=np.float32))
+    assert table.method == "max" and table.auto

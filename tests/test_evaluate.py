@@ -12,7 +12,16 @@ from fakes import unit
 
 from semroute_stream._decision import RouteTable, decide
 from semroute_stream._errors import ConfigError
-from semroute_stream._evaluate import evaluate, fit_thresholds, load_labelled
+from semroute_stream._evaluate import (
+    add_labelled_utterances,
+    compare_methods,
+    evaluate,
+    fit_routes,
+    fit_thresholds,
+    load_labelled,
+    suspect_utterances,
+)
+from semroute_stream._router import resolve_routes, train_route_head
 from semroute_stream._routes import RoutesConfig
 
 DIM = 64
@@ -220,3 +229,316 @@ def test_fit_is_fast_at_clinc150_size() -> None:
     after = evaluate(after_table, queries.astype(np.float32), labels)["overall_accuracy"]
     assert after >= before
     assert len(decide(after_table, queries[:5].astype(np.float32))) == 5
+
+
+# --- authoring aids ------------------------------------------------------------------------
+
+
+def test_confusing_utterances_and_overlapping_routes_on_a_tiny_case() -> None:
+    # Route a: utterances on axes 0 and 1; b on axes 2 and 3, plus one stray utterance "b 2"
+    # that sits almost on a's axis 0 (a mislabelled example).
+    cfg = RoutesConfig.model_validate(
+        {
+            "method": "max",
+            "default_threshold": 0.3,
+            "routes": [
+                {"name": "a", "utterances": ["a 0", "a 1"]},
+                {"name": "b", "utterances": ["b 0", "b 1", "b 2"]},
+            ],
+        }
+    )
+    rest = [0.0] * (DIM - 5)
+    utterances = [
+        unit(1, 0.3, 0, 0, 0, *rest),  # a 0
+        unit(0.3, 1, 0, 0, 0, *rest),  # a 1
+        unit(0, 0, 1, 0.3, 0, *rest),  # b 0
+        unit(0, 0, 0.3, 1, 0, *rest),  # b 1
+        unit(0.95, 0, 0, 0, 0.3, *rest),  # b 2, the stray one
+    ]
+    table = RouteTable.build(cfg, np.stack(utterances))
+    queries = np.stack(
+        [
+            unit(1, 0, 0, 0, 0.4, *[0] * (DIM - 5)),  # gold a, pulled to b by "b 2"
+            unit(1, 0, 0, 0, 0.5, *[0] * (DIM - 5)),  # gold a, pulled to b by "b 2"
+            unit(0, 1, 0.1, *[0] * (DIM - 3)),  # gold a: right
+            unit(0, 0, 1, *[0] * (DIM - 3)),  # gold b: right
+            unit(0.9, 0, 0, 0, 0.6, *[0] * (DIM - 5)),  # gold null, routed to b by "b 2"
+        ]
+    )
+    labels = ["a", "a", "a", "b", None]
+    texts = ["q0", "q1", "q2", "q3", "q4"]
+    figures = evaluate(table, queries, labels, texts)
+    confusing = figures["confusing_utterances"]
+    assert confusing == [
+        {
+            "utterance": "b 2",
+            "route": "b",
+            "count": 3,
+            "pulled_from": {"a": 2, "(no route)": 1},
+            "examples": ["q0", "q1", "q4"],
+        }
+    ]
+    overlap = figures["overlapping_routes"]
+    assert len(overlap) == 1 and overlap[0]["routes"] == ["a", "b"]
+    # "a 0" and "b 2" are each other's nearest neighbours: 2 of the 5 utterances.
+    assert overlap[0]["nn_count"] == 2 and overlap[0]["nn_rate"] == 0.4
+    assert overlap[0]["closest_pair"]["utterances"] == ["a 0", "b 2"]
+    closest = float(utterances[0] @ utterances[4])
+    assert overlap[0]["closest_pair"]["similarity"] == pytest.approx(closest, abs=1e-4)
+    assert -1 <= overlap[0]["centroid_similarity"] <= 1
+    assert figures["fallback_reasons"] == {}
+    # Nothing wrong, nothing listed.
+    assert evaluate(table, queries[2:4], labels[2:4])["confusing_utterances"] == []
+
+
+# --- method comparison and fitting with the head -------------------------------------------
+
+
+def _head_case(
+    rng: np.random.Generator, noise: float, per_route: int = 12, n_routes: int = 4
+) -> tuple[RoutesConfig, np.ndarray, np.ndarray, list[str | None]]:
+    """Noisy utterances around well-separated means (the head averages the noise away),
+    labelled queries from the same routes plus out-of-scope ones on other axes."""
+    centres = np.eye(DIM)[:n_routes]
+    route_of = np.repeat(np.arange(n_routes), per_route)
+    utts = centres[route_of] + noise * rng.normal(size=(len(route_of), DIM))
+    gold = np.repeat(np.arange(n_routes), 15)
+    queries = centres[gold] + noise * rng.normal(size=(len(gold), DIM))
+    far = np.eye(DIM)[n_routes : n_routes + 10] + 0.2 * rng.normal(size=(10, DIM))
+    labels: list[str | None] = [f"r{g}" for g in gold] + [None] * len(far)
+    cfg = RoutesConfig.model_validate(
+        {
+            "head": {"use_names": False},
+            "routes": [
+                {"name": f"r{k}", "utterances": [f"r{k} {i}" for i in range(per_route)]}
+                for k in range(n_routes)
+            ],
+        }
+    )
+    return cfg, unit_rows(utts), unit_rows(np.concatenate([queries, far])), labels
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    out: np.ndarray = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return out
+
+
+def test_fit_picks_and_records_the_head_where_it_wins(tmp_path: Path) -> None:
+    cfg, utts, queries, labels = _head_case(np.random.default_rng(11), noise=0.25)
+    head = train_route_head(cfg, utts, None, model_name="m", cache_dir=tmp_path)
+    base = RouteTable.build(cfg, utts, method="max")
+    result = fit_routes(cfg, base, head, queries, labels)
+    assert result.method == "head" and result.routes.method == "head"
+    chosen = [c for c in result.candidates if c["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["method"] == "head"
+    best_max = next(c for c in result.candidates if c["candidate"] == "max")
+    assert chosen[0]["fitted_overall_accuracy"] > best_max["fitted_overall_accuracy"]
+    fitted = result.routes
+    assert fitted.head.blend is not None and fitted.head.temperature is not None
+    assert fitted.head.min_confidence is not None and fitted.default_threshold is not None
+    # What fit wrote is complete: loading it needs no cross-validation, and the far-away
+    # out-of-scope queries fall back.
+    resolved = resolve_routes(fitted, utts, None, model_name="m", cache_dir=tmp_path)
+    assert resolved.choice is None and resolved.method == "head"
+    figures = evaluate(resolved.table, queries, labels)
+    assert figures["overall_accuracy"] >= 0.9 and figures["fallback_recall"] >= 0.8
+    # The head never on the table: fit compares the similarity methods only.
+    only = fit_routes(cfg, base, None, queries, labels)
+    assert only.method in ("max", "top5_mean") and len(only.candidates) == 2
+    assert only.routes.method == only.method
+    forced = fit_routes(cfg, base, head, queries, labels, methods=("max",))
+    assert forced.routes.method == "max" and [c["candidate"] for c in forced.candidates] == ["max"]
+
+
+def test_fit_picks_max_where_the_nearest_utterance_wins(tmp_path: Path) -> None:
+    # XOR: each route is two opposite clusters; no linear head separates them.
+    rng = np.random.default_rng(12)
+    e = np.eye(DIM)
+    centres = np.stack([e[0] + e[1], -e[0] - e[1], e[0] - e[1], -e[0] + e[1]])
+    utts = unit_rows(np.repeat(centres, 8, axis=0) + 0.15 * rng.normal(size=(32, DIM)))
+    pick = np.repeat(np.arange(4), 10)
+    queries = unit_rows(centres[pick] + 0.15 * rng.normal(size=(40, DIM)))
+    labels: list[str | None] = ["x" if p < 2 else "y" for p in pick]
+    cfg = RoutesConfig.model_validate(
+        {
+            "head": {"use_names": False},
+            "routes": [
+                {"name": "x", "utterances": [f"x{i}" for i in range(16)]},
+                {"name": "y", "utterances": [f"y{i}" for i in range(16)]},
+            ],
+        }
+    )
+    head = train_route_head(cfg, utts, None, model_name="m", cache_dir=None)
+    result = fit_routes(cfg, RouteTable.build(cfg, utts, method="max"), head, queries, labels)
+    assert result.method == "max" and result.routes.method == "max"
+    comparison = compare_methods(RouteTable.build(cfg, utts), head, queries, labels)
+    by_name = {row["candidate"]: row for row in comparison}
+    assert by_name["max"]["top1_accuracy"] == 1.0
+    assert by_name["head(blend=0)"]["top1_accuracy"] < 0.8
+    assert by_name["max"]["cv_accuracy"] == 1.0
+    assert {"overall_accuracy", "fitted_overall_accuracy"} <= set(by_name["max"])
+
+
+def test_adding_labelled_rows_as_utterances() -> None:
+    cfg = two_routes()
+    utts = E[:2]
+    queries = np.stack([E[2], E[3], E[4], E[5]])
+    texts = ["new a", "b", "null row", "new b"]
+    labels: list[str | None] = ["a", "b", None, "b"]
+    out, matrix, added = add_labelled_utterances(cfg, utts, texts, labels, queries)
+    assert added == 2  # "b" is already an utterance of b; null rows belong to no route
+    assert out.routes[0].utterances == ["a", "new a"]
+    assert out.routes[1].utterances == ["b", "new b"]
+    assert np.array_equal(matrix, np.stack([E[0], E[2], E[1], E[5]]))
+    assert cfg.routes[0].utterances == ["a"]  # the input is left alone
+    only = add_labelled_utterances(cfg, utts, texts, labels, queries, np.array([0, 0, 0, 1]))
+    assert only[2] == 1 and only[0].routes[0].utterances == ["a"]
+
+
+# --- the eval and fit commands with the head -----------------------------------------------
+
+TOPICS = {
+    "billing": ["charged", "invoice", "refund", "payment", "card", "bill", "price", "fee"],
+    "shipping": ["parcel", "delivery", "tracking", "package", "courier", "address", "late"],
+    "login": ["password", "login", "account", "locked", "reset", "username", "email"],
+}
+
+
+def _cli_files(tmp_path: Path) -> dict[str, Path]:
+    import json
+
+    rng = np.random.default_rng(0)
+    routes = {
+        "fallback": {"name": "other"},
+        "routes": [
+            {
+                "name": name,
+                "utterances": [
+                    " ".join(rng.choice(words, size=3, replace=False)) for _ in range(8)
+                ],
+            }
+            for name, words in TOPICS.items()
+        ],
+    }
+    rows = [
+        {"text": " ".join(rng.choice(words, size=2, replace=False)), "label": name}
+        for name, words in TOPICS.items()
+        for _ in range(6)
+    ]
+    rows += [{"text": t, "label": None} for t in ("weather in paris", "tell me a joke")]
+    files = {"routes": tmp_path / "routes.yaml", "data": tmp_path / "data.jsonl"}
+    files["routes"].write_text(json.dumps(routes))
+    files["data"].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return files
+
+
+@pytest.fixture
+def fake_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    from fakes import FakeEncoder
+
+    from semroute_stream import _cli
+
+    encoder = FakeEncoder()
+    monkeypatch.setattr(_cli, "make_encoder", lambda args: encoder)
+    monkeypatch.setenv("SEMROUTE_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    import json
+
+    from semroute_stream import _cli
+
+    code = _cli.main(argv)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    return code, json.loads(out.rstrip("\n").splitlines()[-1])
+
+
+def test_eval_method_auto_compares_the_methods(
+    fake_cli: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = _cli_files(fake_cli)
+    argv = ["eval", "--routes", str(files["routes"]), "--data", str(files["data"]), "--json"]
+    _, figures = _run([*argv, "--method", "auto"], capsys)
+    assert figures["method_requested"] == "auto"
+    resolution = figures["resolution"]
+    assert resolution["requested"] == "auto" and resolution["method"] == figures["method"]
+    assert resolution["head_cache"] == "miss"
+    candidates = [row["candidate"] for row in figures["methods"]]
+    assert candidates[:3] == ["max", "top5_mean", "head(blend=0)"]
+    assert all(0 <= row["top1_accuracy"] <= 1 for row in figures["methods"])
+    assert "confusing_utterances" in figures and "overlapping_routes" in figures
+    assert len(figures["overlapping_routes"]) == 3  # every pair of the three routes
+    # The second run loads the head from the cache, and decides the same way.
+    _, again = _run([*argv, "--method", "auto"], capsys)
+    assert again["resolution"]["head_cache"] == "hit"
+    assert again["overall_accuracy"] == figures["overall_accuracy"]
+    # The file says no method: auto too.
+    _, default = _run(argv, capsys)
+    assert default["method_requested"] == "auto" and default["methods"] is not None
+    _, forced = _run([*argv, "--method", "max"], capsys)
+    assert forced["method"] == "max" and forced["methods"] is None
+
+
+def test_fit_records_the_method(fake_cli: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from semroute_stream._routes import load_routes
+
+    files = _cli_files(fake_cli)
+    out = fake_cli / "fitted.yaml"
+    argv = ["fit", "--routes", str(files["routes"]), "--data", str(files["data"])]
+    _, summary = _run([*argv, "--out", str(out), "--json"], capsys)
+    fitted = load_routes(out)
+    assert fitted.method == summary["method"] and fitted.method in ("max", "top5_mean", "head")
+    assert len(summary["candidates"]) == 8 and sum(c["chosen"] for c in summary["candidates"]) == 1
+    assert summary["after"]["overall_accuracy"] >= summary["before"]["overall_accuracy"]
+    eval_argv = ["eval", "--routes", str(out), "--data", str(files["data"]), "--json"]
+    _, figures = _run(eval_argv, capsys)
+    assert figures["overall_accuracy"] == summary["after"]["overall_accuracy"]
+    # The file is complete: loading it cross-validates nothing.
+    assert "choice" not in figures["resolution"]
+    if fitted.method == "head":
+        assert fitted.head.blend is not None and fitted.head.temperature is not None
+
+    forced = fake_cli / "max.yaml"
+    _, summary = _run([*argv, "--out", str(forced), "--method", "max", "--json"], capsys)
+    assert load_routes(forced).method == "max" and summary["method"] == "max"
+
+
+def test_fit_adding_utterances(fake_cli: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from semroute_stream._routes import load_routes
+
+    files = _cli_files(fake_cli)
+    out = fake_cli / "more.json"
+    argv = ["fit", "--routes", str(files["routes"]), "--data", str(files["data"])]
+    _, summary = _run([*argv, "--out", str(out), "--add-utterances", "all", "--json"], capsys)
+    fitted = load_routes(out)
+    assert summary["added_utterances"] > 0
+    assert sum(len(r.utterances) for r in fitted.routes) == 24 + summary["added_utterances"]
+    assert fitted.method in ("max", "top5_mean", "head")  # recorded, not auto
+    assert fitted.default_threshold is not None
+
+
+def test_suspect_utterances_find_a_mislabelled_example() -> None:
+    from semroute_stream._heads import cross_validate
+
+    rng = np.random.default_rng(13)
+    centres = 2.0 * np.eye(DIM)[:3]
+    utts = unit_rows(np.repeat(centres, 6, axis=0) + 0.3 * rng.normal(size=(18, DIM)))
+    utts[2] = unit_rows(centres[1:2] + 0.1)[0]  # route r0's third utterance is about r1
+    cfg = RoutesConfig.model_validate(
+        {
+            "method": "max",
+            "routes": [
+                {"name": f"r{k}", "utterances": [f"r{k} {i}" for i in range(6)]} for k in range(3)
+            ],
+        }
+    )
+    table = RouteTable.build(cfg, utts)
+    empty = np.zeros((0, DIM), np.float32)
+    cv = cross_validate(utts, table.utterance_route, empty, np.zeros(0, np.intp), 3, l2=1e-4)
+    for method in ("max", "head"):
+        suspects = suspect_utterances(table, cv, method, 0.0)
+        assert suspects[0]["utterance"] == "r0 2"
+        assert suspects[0]["route"] == "r0" and suspects[0]["goes_to"] == "r1"
+        assert suspects[0]["lead"] > 0

@@ -11,6 +11,7 @@ import yaml
 
 from semroute_stream._errors import ConfigError
 from semroute_stream._routes import (
+    HeadConfig,
     RoutesConfig,
     load_routes,
     routes_version,
@@ -59,7 +60,9 @@ def test_loads_a_valid_file_with_defaults(tmp_path: Path) -> None:
     data = base()
     del data["default_threshold"], data["method"], data["top_k"], data["fallback"]
     cfg = load_routes(write(tmp_path, data))
-    assert cfg.default_threshold == 0.5 and cfg.method == "max" and cfg.top_k == 3
+    # No method: auto (resolved when the routes load); no default threshold: the method's.
+    assert cfg.default_threshold is None and cfg.method == "auto" and cfg.top_k == 3
+    assert cfg.head == HeadConfig()
     assert cfg.fallback.name == "fallback" and cfg.fallback.endpoint is None
     assert cfg.names == ("billing", "shipping")
     assert cfg.thresholds() == [0.45, 0.5]
@@ -98,7 +101,9 @@ def test_unknown_method(tmp_path: Path) -> None:
     data = base()
     data["method"] = "mean_of_everything"
     message = load_error(tmp_path, data)
-    assert "method: unknown method 'mean_of_everything' (known: max, top5_mean)" in message
+    assert (
+        "method: unknown method 'mean_of_everything' (known: auto, max, top5_mean, head)" in message
+    )
 
 
 def test_fallback_name_must_not_be_a_route_name(tmp_path: Path) -> None:
@@ -225,3 +230,53 @@ def test_the_bundled_example_is_valid() -> None:
     assert all(8 <= len(route.utterances) <= 15 for route in cfg.routes)
     endpoints = {route.endpoint for route in cfg.routes} | {cfg.fallback.endpoint}
     assert endpoints <= {"support-llm", "billing-llm", "general-llm"}
+
+
+def test_head_settings_and_per_route_confidence_round_trip(tmp_path: Path) -> None:
+    data = base()
+    data["method"] = "head"
+    data["head"] = {"blend": 5, "temperature": 0.5, "min_confidence": 0.3, "min_margin": 0.1}
+    data["routes"][0]["min_confidence"] = 0.6
+    cfg = load_routes(write(tmp_path, data))
+    assert cfg.method == "head" and cfg.head.blend == 5 and cfg.head.l2 == 1e-4
+    assert cfg.routes[0].min_confidence == 0.6 and cfg.routes[1].min_confidence is None
+    out = tmp_path / "again.yaml"
+    save_routes(cfg, out)
+    written = yaml.safe_load(out.read_text())
+    # Only what differs from the defaults is written.
+    assert written["head"] == {
+        "blend": 5.0,
+        "temperature": 0.5,
+        "min_confidence": 0.3,
+        "min_margin": 0.1,
+    }
+    assert load_routes(out) == cfg
+
+
+def test_no_default_threshold_and_default_head_are_left_out_when_saved(tmp_path: Path) -> None:
+    data = base()
+    del data["default_threshold"], data["method"]
+    cfg = RoutesConfig.model_validate(data)
+    out = tmp_path / "r.json"
+    save_routes(cfg, out)
+    written = json.loads(out.read_text())
+    assert "default_threshold" not in written and "head" not in written
+    assert written["method"] == "auto"
+    assert load_routes(out) == cfg
+    # The effective thresholds: the file's default, else the given default, else 0.5.
+    assert cfg.thresholds() == [0.45, 0.5]
+    assert cfg.thresholds(0.2) == [0.45, 0.2]
+    assert cfg.model_copy(update={"default_threshold": 0.3}).thresholds(0.2) == [0.45, 0.3]
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        ({"blend": -1}, "head: blend: Input should be greater than or equal to 0"),
+        ({"temperature": 0}, "head: temperature: Input should be greater than 0"),
+        ({"min_confidence": 1.5}, "head: min_confidence: Input should be less than or equal"),
+        ({"blnd": 2}, "head: blnd: Extra inputs are not permitted"),
+    ],
+)
+def test_bad_head_settings(tmp_path: Path, head: dict[str, Any], expected: str) -> None:
+    assert expected in load_error(tmp_path, {**base(), "head": head})

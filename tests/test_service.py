@@ -37,8 +37,9 @@ def _key_of(rec: dict[str, Any]) -> str:
     return str(rec["idempotency_key"])
 
 
+@pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])
 async def test_route_only_every_input_gets_one_outcome(
-    kafka_bootstrap: str, new_topic: Any, tmp_path: Path
+    kafka_bootstrap: str, new_topic: Any, tmp_path: Path, delivery: str
 ) -> None:
     topic = await new_topic(partitions=3)
     values: list[bytes | None] = [query_message(t, f"q{i}") for i, (t, _) in enumerate(QUERIES)]
@@ -47,7 +48,7 @@ async def test_route_only_every_input_gets_one_outcome(
     headers = [[("trace", f"t{i}".encode()), ("bin", b"\xff\x01")] for i in range(len(values))]
     coords = await produce(kafka_bootstrap, topic, values, keys=keys, headers=headers)
 
-    settings = make_settings(tmp_path, kafka_bootstrap, topic, mode="route_only")
+    settings = make_settings(tmp_path, kafka_bootstrap, topic, mode="route_only", delivery=delivery)
     stats = await run_service(settings, idle_timeout_s=2.0, handle_signals=False)
 
     ok = await read_topic(kafka_bootstrap, f"{topic}.out", expect=len(QUERIES))
@@ -212,8 +213,9 @@ async def test_max_messages_bounds_the_run_and_restart_resumes(
     assert sorted(r["id"] for r in ok) == sorted(f"q{i}" for i in range(len(QUERIES)))
 
 
+@pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])
 async def test_second_instance_splits_partitions_without_loss_or_duplicates(
-    kafka_bootstrap: str, new_topic: Any, tmp_path: Path
+    kafka_bootstrap: str, new_topic: Any, tmp_path: Path, delivery: str
 ) -> None:
     topic = await new_topic(partitions=4)
     n_first, n_second = 80, 80
@@ -224,6 +226,7 @@ async def test_second_instance_splits_partitions_without_loss_or_duplicates(
             topic,
             endpoints={"billing": stub.url, "support": stub.url, "general": stub.url},
             input={"session_timeout_ms": 10_000},
+            delivery=delivery,
         )
         texts = [QUERIES[i % len(QUERIES)][0] for i in range(n_first + n_second)]
         msgs = [query_message(t, f"q{i}") for i, t in enumerate(texts)]

@@ -1,0 +1,198 @@
+"""Prometheus metrics and the small HTTP server for ``/metrics``, ``/livez`` and ``/readyz``.
+
+Each :class:`Metrics` has a registry of its own (not prometheus-client's global one), so several
+pipelines in one process, and the tests, never clash. Label values are bounded: route names and
+endpoints come from the config, error kinds are a fixed set, partitions are the assignment.
+
+The HTTP server is ``asyncio.start_server`` with just enough HTTP/1.1 for probes and scrapers:
+``GET`` only, one request per connection, ``Connection: close``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from ._errors import ConfigError
+
+__all__ = ["CIRCUIT_STATES", "ERROR_KINDS", "HttpServer", "Metrics", "Response"]
+
+log = logging.getLogger("semroute_stream")
+
+ERROR_KINDS = (
+    "null_value",
+    "oversized",
+    "invalid_utf8",
+    "invalid_json",
+    "not_an_object",
+    "missing_text",
+    "text_not_string",
+    "empty_text",
+    "llm_rejected",
+    "llm_retries_exhausted",
+    "llm_circuit_open",
+)
+CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+_SIZES = tuple(float(2**i) for i in range(13))  # 1 .. 4096 (batching.max_size's limit)
+
+
+class Metrics:
+    """Every metric the service exports; the pipeline updates them, a scrape reads them."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.consumed = Counter(
+            "semroute_messages_consumed", "Messages taken from the input topic.", registry=r
+        )
+        self.routed = Counter(
+            "semroute_messages_routed",
+            "Outcome records published (acknowledged), by route (the fallback included).",
+            ["route"],
+            registry=r,
+        )
+        self.fallback = Counter(
+            "semroute_messages_fallback",
+            "Outcome records published for queries that matched no route.",
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "semroute_dead_letters",
+            "Dead-letter records published, by error kind.",
+            ["kind"],
+            registry=r,
+        )
+        for kind in ERROR_KINDS:
+            self.dead_letters.labels(kind)
+        self.batch_size = Histogram(
+            "semroute_batch_size", "Messages per micro-batch.", buckets=_SIZES, registry=r
+        )
+        self.encode_seconds = Histogram(
+            "semroute_encode_seconds", "Embedding one batch.", buckets=_LATENCY, registry=r
+        )
+        self.decide_seconds = Histogram(
+            "semroute_decide_seconds", "Routing one batch (numpy).", buckets=_FAST, registry=r
+        )
+        self.llm_seconds = Histogram(
+            "semroute_llm_seconds",
+            "One LLM call, retries included, by endpoint (failed calls too).",
+            ["endpoint"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.end_to_end_seconds = Histogram(
+            "semroute_end_to_end_seconds",
+            "From the batch's fetch to the outcome's acknowledgement.",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "semroute_in_flight_messages", "Messages taken but not yet finished.", registry=r
+        )
+        self.endpoint_in_flight = Gauge(
+            "semroute_endpoint_in_flight_messages",
+            "Messages waiting for or inside a call to each LLM endpoint.",
+            ["endpoint"],
+            registry=r,
+        )
+        self.circuit_state = Gauge(
+            "semroute_llm_circuit_state",
+            "Circuit breaker of each LLM endpoint: 0 closed, 1 half-open, 2 open.",
+            ["endpoint"],
+            registry=r,
+        )
+        self.paused = Gauge(
+            "semroute_consumer_paused", "1 while backpressure pauses the consumer.", registry=r
+        )
+        self.lag = Gauge(
+            "semroute_consumer_lag",
+            "Messages behind the partition's end (last stable offset - position).",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.routes = Info("semroute_routes", "The routes version in use.", registry=r)
+        self.reloads = Counter(
+            "semroute_routes_reloads",
+            "Routes reloads, by result (applied or rejected).",
+            ["result"],
+            registry=r,
+        )
+        for result in ("applied", "rejected"):
+            self.reloads.labels(result)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+Response = tuple[int, str, bytes]  # status, content type, body
+Handler = Callable[[], Awaitable[Response]]
+
+_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+
+
+class HttpServer:
+    """Serves ``GET path`` with ``handlers[path]``; ``port`` is the bound one (0 picks one)."""
+
+    def __init__(self, host: str, port: int, handlers: dict[str, Handler]) -> None:
+        self.host = host
+        self.port = port
+        self._handlers = handlers
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        try:
+            self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        except OSError as err:
+            raise ConfigError(
+                f"observability: cannot listen on {self.host}:{self.port}: {err.strerror or err}"
+            ) from None
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info(
+            "metrics and health on http://%s:%d (/metrics /livez /readyz)", self.host, self.port
+        )
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            method, target, *_ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+            handler = self._handlers.get(target.split("?", 1)[0])
+            if handler is None:
+                status, ctype, body = 404, "text/plain", b"not found\n"
+            elif method not in ("GET", "HEAD"):
+                status, ctype, body = 405, "text/plain", b"GET only\n"
+            else:
+                status, ctype, body = await handler()
+            writer.write(
+                f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode("latin-1")
+            )
+            if method != "HEAD":
+                writer.write(body)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
+            pass  # a probe that hung up or sent garbage: nothing to answer
+        except ConnectionError:
+            pass
+        except Exception:  # a handler bug must not take the server down
+            log.exception("HTTP handler failed")
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+
+def metrics_response(metrics: Metrics) -> Response:
+    return 200, CONTENT_TYPE_LATEST, metrics.render()

@@ -1,0 +1,82 @@
+"""``semroute-stream check``: what it finds, and its exit status."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from llm_stub import LLMStub
+from service_helpers import make_settings, settings_yaml
+
+from semroute_stream._check import Finding, check
+from semroute_stream._cli import main
+
+
+def test_an_unreadable_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().out.startswith("FAIL  config")
+
+
+async def _check(config: Path) -> tuple[int, list[Finding]]:
+    found: list[Finding] = []
+    code = await check(config, say=found.append)
+    return code, found
+
+
+def _lines(found: list[Finding], status: str) -> list[str]:
+    return [f"{f.what} {f.detail}" for f in found if f.status == status]
+
+
+@pytest.mark.kafka
+async def test_check_passes_then_names_each_problem(
+    kafka_bootstrap: str, new_topic: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    topics = [await new_topic(partitions=p) for p in (2, 1, 1)]
+    models = ("billing-model", "support-model", "general-model")
+    with LLMStub(models=models) as stub:
+        endpoints = {"billing": stub.url, "support": stub.url, "general": stub.url}
+        settings = make_settings(
+            tmp_path,
+            kafka_bootstrap,
+            topics[0],
+            endpoints=endpoints,
+            output={"responses_topic": topics[1], "dlq_topic": topics[2]},
+        )
+        code, found = await _check(settings_yaml(settings, tmp_path / "good.yaml"))
+        assert code == 0, found
+        assert not _lines(found, "FAIL") and not _lines(found, "WARN")
+        assert f"topic {topics[0]} (input): 2 partition(s)" in _lines(found, "ok")
+        assert any(line.startswith("endpoint billing: GET") for line in _lines(found, "ok"))
+
+        # a missing dead-letter topic, an endpoint that is down, an unset API key variable
+        monkeypatch.delenv("NO_SUCH_KEY", raising=False)
+        bad = settings.model_copy(
+            update={
+                "output": settings.output.model_copy(update={"dlq_topic": f"{topics[2]}.nope"}),
+                "endpoints": {
+                    **settings.endpoints,
+                    "support": settings.endpoints["support"].model_copy(
+                        update={"base_url": "http://127.0.0.1:1/v1", "api_key_env": "NO_SUCH_KEY"}
+                    ),
+                },
+            }
+        )
+        code, found = await _check(settings_yaml(bad, tmp_path / "bad.yaml"))
+        assert code == 1
+        failed = _lines(found, "FAIL")
+        assert f"topic {topics[2]}.nope (dead letters): does not exist" in failed
+        assert any(line.startswith("api keys") and "NO_SUCH_KEY" in line for line in failed)
+        assert any(line.startswith("endpoint support: GET http://127.0.0.1:1") for line in failed)
+        assert failed[-1] == "summary 3 problem(s)"
+
+    down = settings.model_copy(
+        update={
+            "mode": "route_only",
+            "kafka": settings.kafka.model_copy(update={"bootstrap_servers": "127.0.0.1:1"}),
+        }
+    )
+    code, found = await _check(settings_yaml(down, tmp_path / "down.yaml"))
+    assert code == 1
+    assert any(line.startswith("broker 127.0.0.1:1: unreachable") for line in _lines(found, "FAIL"))
+    assert not any(f.what == "endpoint" for f in found)  # route_only: endpoints unused
