@@ -254,11 +254,19 @@ def time_head(case: Case) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         train_route_head(
-            case.routes, case.utterances, case.names, model_name="x", cache_dir=directory
+            case.routes,
+            case.utterances,
+            case.names,
+            model_name=case.model_name,
+            cache_dir=directory,
         )
         started = time.perf_counter()
         hit = train_route_head(
-            case.routes, case.utterances, case.names, model_name="x", cache_dir=directory
+            case.routes,
+            case.utterances,
+            case.names,
+            model_name=case.model_name,
+            cache_dir=directory,
         )
         hit_seconds = time.perf_counter() - started
         started = time.perf_counter()

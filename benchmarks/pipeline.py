@@ -236,11 +236,16 @@ def _per_second(times: Sequence[float], start: float) -> list[int]:
     return [counts[i] for i in range(max(counts) + 1)] if counts else []
 
 
+_ENCODER_CPU = [0.0]  # process CPU seconds of the encoder passes (read by throughput_section)
+
+
 def encoder_pass(encoder: Encoder, texts: Sequence[str], size: int) -> float:
     """Seconds to encode ``texts`` in chunks of ``size`` (what the pipeline's batches hold)."""
     t0 = time.perf_counter()
+    c0 = time.process_time()
     for i in range(0, len(texts), size):
         encoder.encode(texts[i : i + size])
+    _ENCODER_CPU[0] = time.process_time() - c0
     return time.perf_counter() - t0
 
 
@@ -269,11 +274,16 @@ async def throughput_section(
             for r in range(n_rounds):
                 log(f"throughput: {name} x{len(texts)}, max_size={size}, round {r + 1}: encoder")
                 enc_a = encoder_pass(encoder, texts[:half], size)
+                cpu_a = _ENCODER_CPU[0]
                 log(f"  encoder {half / enc_a:.1f}/s; pipeline pass")
                 pipe = await pipeline_pass(bootstrap, tmp, texts, max_size=size, kind=name)
                 log(f"  pipeline {pipe['msgs_per_s']}/s; encoder")
                 enc_b = encoder_pass(encoder, texts[half:], size) if half < len(texts) else 0.0
+                cpu_b = _ENCODER_CPU[0] if enc_b else 0.0
                 enc_rate = len(texts) / (enc_a + enc_b)
+                enc_cpu_ms = 1000 * (cpu_a + cpu_b) / len(texts)
+                cores = pipe["process_cpu_cores"]
+                pipe_cpu_ms = 1000 * cores * pipe["window_s"] / len(texts) if cores else None
                 in_pipe = pipe["in_pipeline_encode_msgs_per_s"]
                 rounds.append(
                     {
@@ -284,6 +294,14 @@ async def throughput_section(
                             round((len(texts) - half) / enc_b, 1) if enc_b else None,
                         ],
                         "ratio": round(pipe["msgs_per_s"] / enc_rate, 3),
+                        # CPU time per message (all threads): less sensitive to other load
+                        "cpu_ms_per_msg": {
+                            "encoder": round(enc_cpu_ms, 2),
+                            "pipeline": round(pipe_cpu_ms, 2) if pipe_cpu_ms else None,
+                            "pipeline_share_not_encoder": (
+                                round(1 - enc_cpu_ms / pipe_cpu_ms, 3) if pipe_cpu_ms else None
+                            ),
+                        },
                         "encoder_busy_fraction": pipe["encoder_busy_fraction"],
                         "in_pipeline_encode_vs_standalone": (
                             round(in_pipe / enc_rate, 3) if in_pipe else None

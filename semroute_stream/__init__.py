@@ -1,1 +1,58 @@
-"""semroute-stream: a streaming semantic router (filled in as the modules land)."""
+"""semroute-stream: a streaming semantic router.
+
+Consumes text queries from Kafka in micro-batches, embeds them with all-MiniLM-L6-v2 on ONNX
+Runtime, routes each to the route whose example utterances it matches best (or the fallback),
+calls that route's OpenAI-compatible LLM endpoint and publishes the outcome. Everything public is
+importable from here; the ``_``-prefixed modules are private.
+"""
+
+from ._decision import Decisions, RouteTable, decide
+from ._encoder import Encoder, EncoderConfig
+from ._errors import (
+    CircuitOpenError,
+    ConfigError,
+    InputError,
+    LLMError,
+    LLMPermanentError,
+    LLMRetryableError,
+    ModelError,
+    SemrouteError,
+)
+from ._llm import EndpointConfig, LLMPool, LLMResult
+from ._pipeline import RunStats, run_service
+from ._router import Router
+from ._routes import Fallback, Route, RoutesConfig, load_routes, routes_version, save_routes
+from ._settings import Settings, load_settings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CircuitOpenError",
+    "ConfigError",
+    "Decisions",
+    "Encoder",
+    "EncoderConfig",
+    "EndpointConfig",
+    "Fallback",
+    "InputError",
+    "LLMError",
+    "LLMPermanentError",
+    "LLMPool",
+    "LLMResult",
+    "LLMRetryableError",
+    "ModelError",
+    "Route",
+    "RouteTable",
+    "Router",
+    "RoutesConfig",
+    "RunStats",
+    "SemrouteError",
+    "Settings",
+    "__version__",
+    "decide",
+    "load_routes",
+    "load_settings",
+    "routes_version",
+    "run_service",
+    "save_routes",
+]

@@ -627,7 +627,7 @@ def _head_fallback(
     proba = softmax_rows(s / temperature)
     top = proba.argmax(axis=1)
     p_top = proba[rows, top]
-    sim_top = ls.nearest[rows, top]
+    sim_top = ls.nearest[rows, top].astype(np.float64)
     gains = (gold == top).astype(np.float64) - (gold < 0)
     floors = np.unique(
         np.concatenate(
@@ -645,7 +645,7 @@ def _head_fallback(
             c = max(0.0, _tidy(c, uniq))
         else:
             c, gain = anchor_confidence, 0.0
-        key = (round(gain, 6), -abs(float(floor) - anchor_similarity), float(floor), c)
+        key = (round(gain, 6), -abs(float(floor) - anchor_similarity), round(float(floor), 4), c)
         if best is None or key[:2] > best[:2]:
             best = key
     assert best is not None

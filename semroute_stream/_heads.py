@@ -419,7 +419,7 @@ def _quantile(values: np.ndarray, q: float, default: float) -> float:
     finite = values[np.isfinite(values)]
     if len(finite) == 0:
         return default
-    return float(np.round(np.quantile(finite, q), 4))
+    return round(float(np.quantile(finite.astype(np.float64), q)), 4)
 
 
 def choose_method(

@@ -170,6 +170,7 @@ class Pipeline:
         self._assigned: set[TopicPartition] = set()
         self._revocations = 0  # bumped by every revocation: batches fetched before are stale
         self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks_of: dict[TopicPartition, set[asyncio.Task[None]]] = {}  # by partition
         self._endpoint_load: Counter[str] = Counter()
         self._stopping = asyncio.Event()
         self._commit_wanted = asyncio.Event()
@@ -475,10 +476,13 @@ class Pipeline:
     def _spawn(self, coro: Awaitable[None], src: Source) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._tasks.add(task)
+        tp = TopicPartition(src.topic, src.partition)
+        self._tasks_of.setdefault(tp, set()).add(task)
         task.add_done_callback(lambda t: self._task_done(t, src))
 
     def _task_done(self, task: asyncio.Task[None], src: Source) -> None:
         self._tasks.discard(task)
+        self._tasks_of.get(TopicPartition(src.topic, src.partition), set()).discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("fatal error in a worker task: %r", exc, extra=_coords(src))
             if self._fatal is None:
@@ -654,22 +658,23 @@ class Pipeline:
         broker's ack, then mark the offset done.
 
         In ``exactly_once`` delivery the record is only queued here: the commit loop writes it
-        with its partition's offset in one transaction (see ``_commit``).
+        with its partition's offset in one transaction (see ``_commit``). A send that fails or
+        is cancelled (drain timeout, revoked partition) leaves the offset unfinished, so it is
+        never committed past: the message is redelivered.
         """
-        try:
-            headers = list(src.headers)
-            headers.append(("semroute-status", b"error" if kind is not None else b"ok"))
-            if route is not None:
-                headers.append(("semroute-route", route.encode()))
+        headers = list(src.headers)
+        headers.append(("semroute-status", b"error" if kind is not None else b"ok"))
+        if route is not None:
+            headers.append(("semroute-route", route.encode()))
 
-            def published() -> None:
-                self._count_outcome(received, route=route, kind=kind, fallback=fallback)
+        def published() -> None:
+            self._count_outcome(received, route=route, kind=kind, fallback=fallback)
 
-            if self._txns is not None:
-                tp = TopicPartition(src.topic, src.partition)
-                record = OutRecord(topic, value, src.key, headers)
-                self._unpublished.setdefault(tp, []).append((src.offset, record, published))
-                return
+        if self._txns is not None:
+            tp = TopicPartition(src.topic, src.partition)
+            record = OutRecord(topic, value, src.key, headers)
+            self._unpublished.setdefault(tp, []).append((src.offset, record, published))
+        else:
             attributes = {
                 **_MESSAGING,
                 "messaging.destination.name": topic,
@@ -678,13 +683,11 @@ class Pipeline:
             with self._tracer.span(f"send {topic}", attributes, kind="producer"):
                 await self._send(topic, value, src, headers)
             published()
-        finally:
-            tp = TopicPartition(src.topic, src.partition)
-            self._tracker.finish(tp, src.offset)
-            self._last_finish = time.time()
-            self._commit_wanted.set()
-            async with self._progress:
-                self._progress.notify_all()
+        self._tracker.finish(TopicPartition(src.topic, src.partition), src.offset)
+        self._last_finish = time.time()
+        self._commit_wanted.set()
+        async with self._progress:
+            self._progress.notify_all()
 
     def _count_outcome(
         self, received: float, *, route: str | None, kind: str | None, fallback: bool
@@ -755,12 +758,21 @@ class Pipeline:
                 commit = {tp: OffsetAndMetadata(o, "") for tp, o in offsets.items()}
                 await self._consumer.commit(commit)
             else:
-                await asyncio.gather(*(self._transact(tp, o) for tp, o in offsets.items()))
+                done = await asyncio.gather(*(self._transact(tp, o) for tp, o in offsets.items()))
+                fenced = {tp for tp, ok in zip(offsets, done, strict=True) if not ok}
+                if fenced:  # another instance owns them now: drop our state, write nothing more
+                    self._assigned -= fenced
+                    self._tracker.forget(fenced)
+                    for tp in fenced:
+                        self._unpublished.pop(tp, None)
+                    offsets = {tp: o for tp, o in offsets.items() if tp not in fenced}
             self._tracker.mark_committed(offsets)
             self.stats.commits += 1
 
-    async def _transact(self, tp: TopicPartition, next_offset: int) -> None:
-        """exactly_once: write the finished records below ``next_offset`` with that offset."""
+    async def _transact(self, tp: TopicPartition, next_offset: int) -> bool:
+        """exactly_once: write the finished records below ``next_offset`` with that offset.
+
+        False when the partition's transactional id was fenced by a newer owner."""
         assert self._txns is not None
         queued = self._unpublished.get(tp, [])
         ready = [entry for entry in queued if entry[0] < next_offset]
@@ -772,9 +784,10 @@ class Pipeline:
                 await self._txns.publish(tp, [record for _, record, _ in ready], next_offset)
         except PartitionFenced as err:
             log.warning("%s: not committed here, its new owner redoes it (%s)", tp, err)
-            return
+            return False
         for _, _, published in ready:
             published()
+        return True
 
     async def _drain(self, timeout: float | None) -> None:
         """Wait for in-flight work to finish (bounded); what does not finish is redelivered."""
@@ -812,6 +825,11 @@ class Pipeline:
                         ),
                         self.settings.flow.rebalance_drain_timeout_s,
                     )
+            # What did not finish in time is cancelled (never committed): the new owner redoes it.
+            stale = [t for tp in revoked for t in self._tasks_of.pop(tp, set())]
+            for task in stale:
+                task.cancel()
+            await asyncio.gather(*stale, return_exceptions=True)
             try:
                 await self._commit(only=revoked)
             except KafkaError as err:

@@ -125,7 +125,8 @@ class PartitionTransactions:
                     self.transactions += 1
                     return
                 except ProducerFenced as err:
-                    await self._discard(tp)
+                    self._owned.discard(tp)  # never start another producer that would fence
+                    await self._discard(tp)  # the new owner back; until assigned again
                     raise PartitionFenced(str(tp)) from err
                 except (TimeoutError, KafkaError) as err:
                     log.warning("transaction for %s failed (%r); retrying in %.1fs", tp, err, delay)

@@ -85,7 +85,22 @@ class Router:
         return self.log.read_text(errors="replace")[-4000:]
 
 
-async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+async def end_offsets(bootstrap: str, topic: str, *, settle: float = 15.0) -> dict[int, int]:
+    """End offsets a read_committed reader can reach, once no transaction is left open.
+
+    A committed transaction's markers are written after the commit returns, so right after a
+    router exits the last stable offset can still lag the high watermark for a moment."""
+    deadline = time.monotonic() + settle
+    while True:
+        committed = await _end_offsets(bootstrap, topic, "read_committed")
+        if time.monotonic() > deadline:
+            return committed
+        if committed == await _end_offsets(bootstrap, topic, "read_uncommitted"):
+            return committed
+        await asyncio.sleep(0.2)
+
+
+async def _end_offsets(bootstrap: str, topic: str, isolation: str) -> dict[int, int]:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
@@ -95,7 +110,7 @@ async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
         await admin.close()
     if not parts:
         return {}
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed")
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level=isolation)
     await consumer.start()
     try:
         ends = await consumer.end_offsets([TopicPartition(topic, p) for p in parts])
@@ -134,8 +149,9 @@ async def read_all(bootstrap: str, topic: str) -> list[dict[str, Any]]:
 
 
 async def count_outcomes(bootstrap: str, topic: str) -> int:
-    return sum((await end_offsets(bootstrap, f"{topic}.out")).values()) + sum(
-        (await end_offsets(bootstrap, f"{topic}.dlq")).values()
+    """Records in the output topics (markers included: a progress gauge, not a tally)."""
+    return sum((await end_offsets(bootstrap, f"{topic}.out", settle=0)).values()) + sum(
+        (await end_offsets(bootstrap, f"{topic}.dlq", settle=0)).values()
     )
 
 

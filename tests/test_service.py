@@ -294,3 +294,25 @@ async def test_sigterm_mid_stream_then_restart_loses_nothing(
         counts = outcome_counts(ok)
         assert len(counts) == n  # nothing lost
         assert set(counts.values()) == {1}  # the graceful stop drained and committed
+
+
+async def test_per_route_topics_and_plain_text_input(
+    kafka_bootstrap: str, new_topic: Any, tmp_path: Path
+) -> None:
+    topic = await new_topic(partitions=1)
+    texts = [QUERIES[0][0], QUERIES[2][0], QUERIES[6][0]]  # billing, tech, fallback
+    await produce(kafka_bootstrap, topic, [t.encode() for t in texts])
+    settings = make_settings(
+        tmp_path,
+        kafka_bootstrap,
+        topic,
+        mode="route_only",
+        input={"format": "text"},
+        output={"per_route_topics": True},
+    )
+    stats = await run_service(settings, idle_timeout_s=2.0, handle_signals=False)
+    assert stats.outcomes == 3
+    for text, route in zip(texts, ["billing", "tech", "fallback"], strict=True):
+        (rec,) = await read_topic(kafka_bootstrap, f"{topic}.out.{route}", expect=1)
+        assert rec["route"] == route
+        assert rec["input"] == text and rec["id"] is None
