@@ -98,6 +98,12 @@ def provenance() -> dict[str, Any]:
     }
 
 
+def thread_env() -> dict[str, str | None]:
+    """Thread-count variables of the native libraries (numpy's OpenBLAS spins on idle cores)."""
+    names = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM")
+    return {name: os.environ.get(name) for name in names}
+
+
 # --------------------------------------------------------------------------------------------
 # The broker
 

@@ -79,6 +79,7 @@ from _common import (
     provenance,
     raw_http_capacity,
     short_queries,
+    thread_env,
     tickets,
     write_service_config,
 )
@@ -590,6 +591,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "benchmark": "pipeline",
         "code": provenance(),
+        "thread_env": thread_env(),
         "machine": {
             "cpus": os.cpu_count(),
             "loadavg_start": [round(x, 2) for x in os.getloadavg()],

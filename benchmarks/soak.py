@@ -61,6 +61,7 @@ from _common import (
     provenance,
     read_rss_kib,
     short_queries,
+    thread_env,
     tickets,
     write_service_config,
 )
@@ -172,6 +173,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "benchmark": "soak",
         "code": provenance(),
+        "thread_env": thread_env(),
         "machine": {
             "cpus": os.cpu_count(),
             "loadavg_start": [round(x, 2) for x in os.getloadavg()],

@@ -68,3 +68,6 @@ def setup_logging(config: LoggingConfig, level: str | None = None) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel((level or config.level).upper())
+    # One line per HTTP request is noise at info level (and may carry URLs); keep warnings.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(max(root.level, logging.WARNING))
