@@ -27,6 +27,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
+from threadpoolctl import threadpool_limits
 
 from ._encoder import Encoder
 from ._errors import (
@@ -1059,6 +1060,9 @@ async def open_service(
     )
     obs = settings.observability
     async with contextlib.AsyncExitStack() as stack:
+        # The decision's small matmuls run on the event loop: multi-threaded BLAS makes them
+        # 5-30x slower under load and its spinning threads take CPU from the encoder.
+        stack.enter_context(threadpool_limits(limits=1, user_api="blas"))
         stack.callback(tracer.shutdown)
         if llm is not None:
             stack.push_async_callback(llm.aclose)

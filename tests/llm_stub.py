@@ -111,6 +111,7 @@ def _words(text: str) -> int:
 
 
 class _Server(ThreadingHTTPServer):
+    request_queue_size = 1024  # many clients connect at once (the default backlog is 5)
     daemon_threads = True
     allow_reuse_address = True
     stub: LLMStub
@@ -145,6 +146,7 @@ class _Server(ThreadingHTTPServer):
 
 
 class _Handler(BaseHTTPRequestHandler):
+    disable_nagle_algorithm = True  # headers and body go out in two sends: no 40 ms ACK wait
     protocol_version = "HTTP/1.1"  # keep-alive, like a real endpoint
     server: _Server
     server_version = "llm-stub/1"
