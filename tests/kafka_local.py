@@ -11,7 +11,10 @@ run on the machine's Java 17+. Standard library only, so it works before the ven
     python tests/kafka_local.py run [--port P] -- CMD ARGS...   # start, wait, run, always stop
 
 ``run`` exports ``KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:P`` to CMD and exits with CMD's exit code.
-The default port is 39092 (controller 39093); ``--port`` or ``KAFKA_LOCAL_PORT`` overrides it.
+The default port is 19092 (controller 19093); ``--port`` or ``KAFKA_LOCAL_PORT`` overrides it.
+Keep ports below the kernel's ephemeral range (32768-60999 on Linux): while the broker is down,
+a client reconnecting to a port inside that range can end up connected to itself (TCP
+self-connect) and hold the port, so the restarted broker cannot bind it.
 
 State lives in ``REPO/.kafka/`` (``KAFKA_LOCAL_HOME`` overrides it): ``kafka.pid``,
 ``kafka.log``, ``server.properties`` and the data dir ``data/``. ``stop`` deletes the data dir;
@@ -54,7 +57,7 @@ POM = KAFKA_DIR / "pom.xml"
 LOG4J_CONFIG = KAFKA_DIR / "log4j2.properties"
 LIB_DIR = KAFKA_DIR / "lib"
 LIB_MARKER = LIB_DIR / ".complete"  # written only after a successful download
-DEFAULT_PORT = 39092
+DEFAULT_PORT = 19092
 HOST = "127.0.0.1"
 JVM_OPTS = [
     "-Xms256m",

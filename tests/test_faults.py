@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,19 @@ PARTITIONS = 4
 async def _send_all(bootstrap: str, topic: str, n: int = N) -> set[str]:
     await produce(bootstrap, topic, [message(i, t) for i, t in enumerate(texts(n))])
     return {f"m{i}" for i in range(n)}
+
+
+def _port_below_ephemeral_range() -> int:
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(20000, 30000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-30000")
 
 
 def _retry_delays(stub: LLMStub) -> list[float]:
@@ -153,7 +167,9 @@ async def test_llm_endpoint_down_then_back_and_429_retry_after(
     topic = await new_topic(partitions=PARTITIONS)
     n = min(N, 1000)
     ids = await _send_all(kafka_bootstrap, topic, n)
-    with LLMStub() as stub:
+    # A fixed port below the ephemeral range: while the stub is down, the router reconnecting
+    # to an ephemeral port could connect to itself and keep the stub from binding it again.
+    with LLMStub(port=_port_below_ephemeral_range()) as stub:
         stub.fail_next(2, status=429, retry_after=0.5)
         config = config_for(tmp_path, kafka_bootstrap, topic, mode="llm", llm_url=stub.url)
         router = Router(config, "--idle-timeout", "15", log=tmp_path / "r.log")
