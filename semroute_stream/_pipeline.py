@@ -1063,6 +1063,11 @@ async def open_service(
         # The decision's small matmuls run on the event loop: multi-threaded BLAS makes them
         # 5-30x slower under load and its spinning threads take CPU from the encoder.
         stack.enter_context(threadpool_limits(limits=1, user_api="blas"))
+        # Registered before anything can fail (e.g. the metrics port is taken): stopping a
+        # client that never started is harmless, leaving it unclosed is not.
+        stack.push_async_callback(consumer.stop)
+        if producer is not None:
+            stack.push_async_callback(producer.stop)
         stack.callback(tracer.shutdown)
         if llm is not None:
             stack.push_async_callback(llm.aclose)
@@ -1081,9 +1086,7 @@ async def open_service(
             pipeline.http = server
         if producer is not None:
             await producer.start()
-            stack.push_async_callback(producer.stop)
         await consumer.start()
-        stack.push_async_callback(consumer.stop)
         if transactions is not None:
             stack.push_async_callback(transactions.close)  # before the consumer stops
         yield pipeline
