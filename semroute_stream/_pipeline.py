@@ -514,6 +514,7 @@ class Pipeline:
         received: float,
         target: Target | None,
     ) -> None:
+        """Answer one routed message (LLM call or not) and publish its outcome, in one span."""
         attributes = {
             **_MESSAGING,
             "messaging.destination.name": src.topic,
@@ -523,95 +524,83 @@ class Pipeline:
             "semroute.route": str(decision["route"]),
         }
         with self._tracer.span(f"process {src.topic}", attributes, kind="consumer"):
-            await self._answer(src, query, raw, decision, timings, received, target)
-
-    async def _answer(
-        self,
-        src: Source,
-        query: Query,
-        raw: bytes | None,
-        decision: dict[str, Any],
-        timings: dict[str, float],
-        received: float,
-        target: Target | None,
-    ) -> None:
-        route = str(decision["route"])
-        fallback = bool(decision["is_fallback"])
-        endpoint = target.endpoint if (target and self._llm) else None
-        output = self.settings.output
-        if endpoint is not None:
-            self._endpoint_load[endpoint] += 1
-        try:
-            response: dict[str, Any] | None = None
-            llm_model = None
-            if endpoint is not None and target is not None:
-                t0 = time.perf_counter()
-                try:
-                    with self._tracer.span(
-                        f"llm {endpoint}", {"semroute.endpoint": endpoint}, kind="client"
-                    ):
-                        result = await self._call_llm(target, query.text, src.idempotency_key)
-                except LLMError as err:
-                    kind = _llm_error_kind(err)
-                    extra = {
-                        **_coords(src),
-                        "kind": kind,
-                        "route": route,
-                        "endpoint": endpoint,
-                        **self._text(query.text),
-                    }
-                    log.warning(
-                        "dead letter %s (%s): %s",
-                        src.idempotency_key,
-                        kind,
-                        self._loggable(err),
-                        extra=extra,
-                    )
-                    value = dead_letter_record(
-                        src,
-                        raw,
-                        kind=kind,
-                        reason=str(err),
-                        stage="llm",
-                        query=query,
-                        decision=decision,
-                        endpoint=endpoint,
-                    )
-                    await self._publish_outcome(
-                        src, output.dlq_topic, value, received=received, route=route, kind=kind
-                    )
-                    return
-                finally:
-                    self.metrics.llm_seconds.labels(endpoint).observe(time.perf_counter() - t0)
-                timings["llm"] = (time.perf_counter() - t0) * 1000
-                llm_model = result.model
-                response = {
-                    "content": result.content,
-                    "finish_reason": result.finish_reason,
-                    "usage": result.usage,
-                    "attempts": result.attempts,
-                }
-            timings["total"] = (time.time() - received) * 1000
-            value = outcome_record(
-                src,
-                query,
-                decision=decision,
-                endpoint=endpoint,
-                llm_model=llm_model,
-                response=response,
-                timings_ms=timings,
-            )
-            await self._publish_outcome(
-                src,
-                output.topic_for(route),
-                value,
-                received=received,
-                route=route,
-                fallback=fallback,
-            )
-        finally:
+            route = str(decision["route"])
+            fallback = bool(decision["is_fallback"])
+            endpoint = target.endpoint if (target and self._llm) else None
+            output = self.settings.output
             if endpoint is not None:
-                self._endpoint_load[endpoint] -= 1
+                self._endpoint_load[endpoint] += 1
+            try:
+                response: dict[str, Any] | None = None
+                llm_model = None
+                if endpoint is not None and target is not None:
+                    t0 = time.perf_counter()
+                    try:
+                        with self._tracer.span(
+                            f"llm {endpoint}", {"semroute.endpoint": endpoint}, kind="client"
+                        ):
+                            result = await self._call_llm(target, query.text, src.idempotency_key)
+                    except LLMError as err:
+                        kind = _llm_error_kind(err)
+                        extra = {
+                            **_coords(src),
+                            "kind": kind,
+                            "route": route,
+                            "endpoint": endpoint,
+                            **self._text(query.text),
+                        }
+                        log.warning(
+                            "dead letter %s (%s): %s",
+                            src.idempotency_key,
+                            kind,
+                            self._loggable(err),
+                            extra=extra,
+                        )
+                        value = dead_letter_record(
+                            src,
+                            raw,
+                            kind=kind,
+                            reason=str(err),
+                            stage="llm",
+                            query=query,
+                            decision=decision,
+                            endpoint=endpoint,
+                        )
+                        await self._publish_outcome(
+                            src, output.dlq_topic, value, received=received, route=route, kind=kind
+                        )
+                        return
+                    finally:
+                        self.metrics.llm_seconds.labels(endpoint).observe(time.perf_counter() - t0)
+                    timings["llm"] = (time.perf_counter() - t0) * 1000
+                    llm_model = result.model
+                    response = {
+                        "content": result.content,
+                        "finish_reason": result.finish_reason,
+                        "usage": result.usage,
+                        "attempts": result.attempts,
+                    }
+                timings["total"] = (time.time() - received) * 1000
+                value = outcome_record(
+                    src,
+                    query,
+                    decision=decision,
+                    endpoint=endpoint,
+                    llm_model=llm_model,
+                    response=response,
+                    timings_ms=timings,
+                )
+                await self._publish_outcome(
+                    src,
+                    output.topic_for(route),
+                    value,
+                    received=received,
+                    route=route,
+                    fallback=fallback,
+                )
+            finally:
+                if endpoint is not None:
+                    self._endpoint_load[endpoint] -= 1
 
     async def _call_llm(self, target: Target, text: str, key: str) -> LLMResult:
         """One LLM call; while the endpoint's breaker is open, wait for it rather than fail.
