@@ -409,34 +409,50 @@ def cmd_fit(args: argparse.Namespace) -> int:
                 f"  {c['candidate']:<18}{_fmt(c['top1_accuracy']):>8}"
                 f"{_fmt(c['fitted_overall_accuracy']):>8}{mark}"
             )
+    keys = ["overall_accuracy", "in_scope_accuracy", "top1_accuracy"]
+    keys += ["fallback_precision", "fallback_recall", "macro_f1"]
+    _report_fit(
+        args,
+        reloaded,
+        before,
+        after,
+        keys,
+        "(figures on the fitting data itself: check on held-out data)",
+        fit_seconds=fit_seconds,
+        routes_with_threshold=tuned,
+        candidates=result.candidates,
+    )
+    return 0
+
+
+def _report_fit(
+    args: argparse.Namespace,
+    written: RoutesConfig,
+    before: dict[str, Any],
+    after: dict[str, Any],
+    keys: Sequence[str],
+    caveat: str,
+    **extra: Any,
+) -> None:
+    """The before/after table of a fit (and, with --json, its last line of figures)."""
     print(f"{'':<34}{'before':>8}{'after':>8}")
-    for key in (
-        "overall_accuracy",
-        "in_scope_accuracy",
-        "top1_accuracy",
-        "fallback_precision",
-        "fallback_recall",
-        "macro_f1",
-    ):
+    for key in keys:
         print(f"  {key:<32}{_fmt(before[key]):>8}{_fmt(after[key]):>8}")
-    print("(figures on the fitting data itself: check on held-out data)")
+    print(caveat)
     if args.json:
         dropped = ("per_route", "confusing_utterances", "overlapping_routes")
         _print_json_last(
             {
                 "out": str(args.out),
-                "routes_version": routes_version(reloaded),
-                "method": reloaded.method,
-                "head": reloaded.head.model_dump(mode="json"),
-                "default_threshold": reloaded.default_threshold,
-                "routes_with_threshold": tuned,
-                "candidates": result.candidates,
-                "fit_seconds": round(fit_seconds, 3),
+                "routes_version": routes_version(written),
+                "method": written.method,
+                "head": written.head.model_dump(mode="json"),
+                "default_threshold": written.default_threshold,
+                **{k: round(v, 3) if k == "fit_seconds" else v for k, v in extra.items()},
                 "before": {k: v for k, v in before.items() if k not in dropped},
                 "after": {k: v for k, v in after.items() if k not in dropped},
             }
         )
-    return 0
 
 
 def _fit_adding_utterances(
@@ -494,28 +510,17 @@ def _fit_adding_utterances(
         f"{sum(len(r.utterances) for r in reloaded.routes)} utterances now; method "
         f"{routes.method} -> {reloaded.method}; fit took {fit_seconds:.2f} s"
     )
-    print(f"{'':<34}{'before':>8}{'after':>8}")
-    for key in ("overall_accuracy", "in_scope_accuracy", "top1_accuracy", "fallback_recall"):
-        print(f"  {key:<32}{_fmt(before[key]):>8}{_fmt(after[key]):>8}")
-    print(
+    _report_fit(
+        args,
+        reloaded,
+        before,
+        after,
+        ("overall_accuracy", "in_scope_accuracy", "top1_accuracy", "fallback_recall"),
         "(the added rows are now utterances: 'after' on this data is no test at all; "
-        "measure on held-out data)"
+        "measure on held-out data)",
+        added_utterances=added,
+        fit_seconds=fit_seconds,
     )
-    if args.json:
-        dropped = ("per_route", "confusing_utterances", "overlapping_routes")
-        _print_json_last(
-            {
-                "out": str(args.out),
-                "routes_version": routes_version(reloaded),
-                "method": reloaded.method,
-                "added_utterances": added,
-                "head": reloaded.head.model_dump(mode="json"),
-                "default_threshold": reloaded.default_threshold,
-                "fit_seconds": round(fit_seconds, 3),
-                "before": {k: v for k, v in before.items() if k not in dropped},
-                "after": {k: v for k, v in after.items() if k not in dropped},
-            }
-        )
     return 0
 
 
