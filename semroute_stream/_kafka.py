@@ -16,7 +16,8 @@ from aiokafka.helpers import create_ssl_context
 from ._settings import KafkaConfig, Settings
 
 
-def _security_kwargs(cfg: KafkaConfig) -> dict[str, Any]:
+def connection_kwargs(cfg: KafkaConfig) -> dict[str, Any]:
+    """Bootstrap servers, client id and security settings for any aiokafka client."""
     kwargs: dict[str, Any] = {
         "bootstrap_servers": cfg.bootstrap_servers,
         "client_id": cfg.client_id,
@@ -43,7 +44,7 @@ def make_consumer(settings: Settings, *, group_id: str | None = None) -> AIOKafk
     """A consumer with manual commits and an explicit ``auto_offset_reset``."""
     inp = settings.input
     return AIOKafkaConsumer(
-        **_security_kwargs(settings.kafka),
+        **connection_kwargs(settings.kafka),
         group_id=group_id or inp.group_id,
         enable_auto_commit=False,
         auto_offset_reset=inp.auto_offset_reset,
@@ -58,7 +59,7 @@ def make_consumer(settings: Settings, *, group_id: str | None = None) -> AIOKafk
 def make_producer(settings: Settings) -> AIOKafkaProducer:
     """An idempotent producer waiting for all in-sync replicas."""
     return AIOKafkaProducer(
-        **_security_kwargs(settings.kafka),
+        **connection_kwargs(settings.kafka),
         acks="all",
         enable_idempotence=True,
         linger_ms=5,
@@ -69,7 +70,7 @@ def make_producer(settings: Settings) -> AIOKafkaProducer:
 def make_transactional_producer(settings: Settings, transactional_id: str) -> AIOKafkaProducer:
     """A producer for one input partition's transactions (``delivery: exactly_once``)."""
     return AIOKafkaProducer(
-        **_security_kwargs(settings.kafka),
+        **connection_kwargs(settings.kafka),
         acks="all",
         enable_idempotence=True,
         transactional_id=transactional_id,

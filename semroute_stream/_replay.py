@@ -34,7 +34,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ._errors import ConfigError
-from ._kafka import _security_kwargs as security_kwargs
+from ._kafka import connection_kwargs
 from ._pipeline import RunStats, open_service, signal_handlers
 from ._records import Source
 from ._settings import Settings
@@ -95,7 +95,7 @@ async def topic_partitions(settings: Settings, topics: list[str]) -> dict[str, s
     Lists the topics first: a metadata request naming a missing topic would create it on a
     broker with ``auto.create.topics.enable``.
     """
-    admin = AIOKafkaAdminClient(**security_kwargs(settings.kafka))
+    admin = AIOKafkaAdminClient(**connection_kwargs(settings.kafka))
     await admin.start()
     try:
         names = set(await admin.list_topics())
