@@ -269,8 +269,10 @@ class Pipeline:
             committer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await committer
-            with contextlib.suppress(KafkaError):
-                await self._commit()
+            try:  # bounded: with the broker gone the commit would wait without end
+                await asyncio.wait_for(self._commit(), _CLIENT_STOP_S)
+            except (KafkaError, TimeoutError) as err:
+                log.warning("final commit failed (%r): uncommitted work is redelivered", err)
         if self._fatal is not None:
             raise self._fatal
         return self.stats
@@ -998,6 +1000,19 @@ def _llm_error_kind(err: LLMError) -> str:
     return "llm_rejected"
 
 
+_CLIENT_STOP_S = 30.0
+
+
+async def _stop_within(stop: Callable[[], Awaitable[None]], what: str) -> None:
+    """Stop a Kafka client, but not forever: with the broker gone for good, aiokafka's flush
+    and leave-group wait without end. Nothing acknowledged is lost by giving up: what was not
+    acknowledged was not committed either, and is redelivered."""
+    try:
+        await asyncio.wait_for(stop(), _CLIENT_STOP_S)
+    except TimeoutError:
+        log.error("the %s did not stop within %.0fs (broker unreachable?)", what, _CLIENT_STOP_S)
+
+
 @contextlib.asynccontextmanager
 async def open_service(
     settings: Settings,
@@ -1054,9 +1069,9 @@ async def open_service(
         stack.enter_context(threadpool_limits(limits=1, user_api="blas"))
         # Registered before anything can fail (e.g. the metrics port is taken): stopping a
         # client that never started is harmless, leaving it unclosed is not.
-        stack.push_async_callback(consumer.stop)
+        stack.push_async_callback(_stop_within, consumer.stop, "consumer")
         if producer is not None:
-            stack.push_async_callback(producer.stop)
+            stack.push_async_callback(_stop_within, producer.stop, "producer")
         stack.callback(tracer.shutdown)
         if llm is not None:
             stack.push_async_callback(llm.aclose)
@@ -1077,7 +1092,8 @@ async def open_service(
             await producer.start()
         await consumer.start()
         if transactions is not None:
-            stack.push_async_callback(transactions.close)  # before the consumer stops
+            # before the consumer stops
+            stack.push_async_callback(_stop_within, transactions.close, "transactional producers")
         yield pipeline
 
 

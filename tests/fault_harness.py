@@ -9,6 +9,7 @@ Results are appended to ``out/faults.jsonl`` (the README's table is built from i
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import random
 import signal
@@ -58,8 +59,19 @@ class Result:
             f.write(orjson.dumps(asdict(self)) + b"\n")
 
 
+_LIVE: list[subprocess.Popen[bytes]] = []
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """A failed test must not leave a router running after the session."""
+    for proc in _LIVE:
+        if proc.poll() is None:
+            proc.kill()
+
+
 class Router:
-    """One ``semroute-stream run`` process."""
+    """One ``semroute-stream run`` process (killed at exit if a test left it running)."""
 
     def __init__(self, config: Path, *args: str, log: Path) -> None:
         self.log = log
@@ -72,6 +84,7 @@ class Router:
             stdout=self._out,
             stderr=subprocess.STDOUT,
         )
+        _LIVE.append(self.proc)
 
     def signal(self, sig: signal.Signals) -> None:
         self.proc.send_signal(sig)
