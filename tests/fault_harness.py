@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from service_helpers import QUERIES, make_settings, settings_yaml
+from service_helpers import QUERIES, make_settings, open_reader, settings_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "out" / "faults.jsonl"
@@ -137,17 +137,9 @@ async def read_all(bootstrap: str, topic: str) -> list[dict[str, Any]]:
     ends = await end_offsets(bootstrap, topic)
     if not any(ends.values()):
         return []
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-    )
-    await consumer.start()
+    tps = [TopicPartition(topic, p) for p, end in ends.items() if end > 0]
+    consumer = await open_reader(bootstrap, tps)
     try:
-        tps = [TopicPartition(topic, p) for p, end in ends.items() if end > 0]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
         out: list[dict[str, Any]] = []
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

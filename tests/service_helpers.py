@@ -185,26 +185,28 @@ async def _partitions(bootstrap: str, topic: str, deadline: float) -> list[int]:
         await admin.close()
 
 
+async def open_reader(bootstrap: str, tps: list[TopicPartition]) -> AIOKafkaConsumer:
+    """A started read_committed consumer assigned to ``tps`` from their beginning (no group)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed"
+    )
+    await consumer.start()
+    consumer.assign(tps)
+    await consumer.seek_to_beginning(*tps)
+    return consumer
+
+
 async def read_topic(
     bootstrap: str, topic: str, *, expect: int, timeout: float = 60.0
 ) -> list[dict[str, Any]]:
     """Read a topic from the beginning (committed data only) until ``expect`` records or timeout."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-    )
-    await consumer.start()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    parts = await _partitions(bootstrap, topic, deadline)
+    if not parts:
+        return []
+    consumer = await open_reader(bootstrap, [TopicPartition(topic, p) for p in parts])
     try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        parts = await _partitions(bootstrap, topic, deadline)
-        if not parts:
-            return []
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
         out: list[dict[str, Any]] = []
         while len(out) < expect and loop.time() < deadline:
             got = await consumer.getmany(timeout_ms=500)
