@@ -152,7 +152,7 @@ class Case:
         resolution = self.table(routes, cache)
         data = self.data if rows is None else subset(self.data, rows)
         queries = self.queries if rows is None else self.queries[rows]
-        return resolution, evaluate(resolution.table, queries, data.labels)
+        return resolution, evaluate(resolution.table, queries, data.labels, data.texts)
 
     def fit(self, rows: np.ndarray | None, cache: Path | None) -> tuple[RoutesConfig, Any]:
         data = self.data if rows is None else subset(self.data, rows)
@@ -161,7 +161,7 @@ class Case:
             self.routes, self.utterances, self.names, model_name=self.model_name, cache_dir=cache
         )
         base = RouteTable.build(self.routes, self.utterances, method="max")
-        result = fit_routes(self.routes, base, head, queries, data.labels)
+        result = fit_routes(self.routes, base, head, queries, data.labels, texts=data.texts)
         return result.routes, result
 
     def fit_adding_utterances(
@@ -221,7 +221,7 @@ def run_case(case: Case, cache: Path) -> dict[str, Any]:
             added, utterances, case.names, model_name=case.model_name, cache_dir=cache
         )
         test_data = subset(case.data, test)
-        grown = evaluate(resolution.table, case.queries[test], test_data.labels)
+        grown = evaluate(resolution.table, case.queries[test], test_data.labels, test_data.texts)
         held[label] = {
             "rows": len(test),
             "as_shipped": pick(shipped),
@@ -305,7 +305,7 @@ def time_decision(case: Case, encoder: Encoder, cache: Path, rounds: int = 7) ->
             reps = 20
             started = time.perf_counter()
             for _ in range(reps):
-                decide(table, queries)
+                decide(table, queries, texts)
             decide_ms[method].append((time.perf_counter() - started) * 1000 / (reps * BATCH))
     encode = statistics.median(encode_ms)
     out: dict[str, Any] = {

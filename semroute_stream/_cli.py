@@ -295,7 +295,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         blend = table.head.blend if table.head is not None else 0.0
         figures["suspect_utterances"] = suspect_utterances(table, head.cv, table.method, blend)
     comparison = (
-        compare_methods(router.table, router.resolution.head, embeddings, data.labels)
+        compare_methods(router.table, router.resolution.head, embeddings, data.labels, data.texts)
         if routes.method == "auto"
         else None
     )
@@ -341,7 +341,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     encoder = make_encoder(args)
     router = Router(routes, encoder)
     embeddings = _encode_all(encoder, data.texts, "encoding")
-    before = evaluate(router.table, embeddings, data.labels)
+    before = evaluate(router.table, embeddings, data.labels, data.texts)
 
     t0 = time.perf_counter()
     methods = ("max", "top5_mean", "head") if requested == "auto" else (requested,)
@@ -368,6 +368,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         head,
         embeddings,
         data.labels,
+        texts=data.texts,
         methods=methods,
         min_support=args.min_support,
     )
@@ -383,7 +384,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         model_name=encoder.model_name,
         cache_dir=router.cache_dir,
     )
-    after = evaluate(resolved.table, embeddings, data.labels)
+    after = evaluate(resolved.table, embeddings, data.labels, data.texts)
 
     tuned = sum(route.threshold is not None for route in reloaded.routes)
     tuned += sum(route.min_confidence is not None for route in reloaded.routes)
@@ -472,7 +473,7 @@ def _fit_adding_utterances(
     rows = None
     if args.add_utterances == "errors":
         gold = label_indices(router.table, data.labels)
-        rows = router.decide(embeddings).route != gold
+        rows = router.decide(embeddings, data.texts).route != gold
     augmented, utterance_embeddings, added = add_labelled_utterances(
         routes, router.utterance_embeddings, data.texts, data.labels, embeddings, rows
     )
@@ -503,7 +504,7 @@ def _fit_adding_utterances(
         model_name=router.encoder.model_name,
         cache_dir=router.cache_dir,
     )
-    after = evaluate(again.table, embeddings, data.labels)
+    after = evaluate(again.table, embeddings, data.labels, data.texts)
     print(f"routes: {args.routes} -> {args.out} (version {routes_version(reloaded)})")
     print(
         f"added {added} labelled rows as utterances ({args.add_utterances}); "

@@ -6,7 +6,8 @@ turns it into a (B x R) route-score matrix (``-inf`` where a method gives a rout
 * similarity methods (``METHODS``): ``max`` (each route scores its nearest utterance's cosine)
   and ``top5_mean`` (semantic-router's rule); a route passes when its score is ``>=`` its
   threshold;
-* ``head``: a learned route head (multinomial logistic regression, see ``_heads``); the
+* ``head``: a learned route head (multinomial logistic regression, see ``_heads``, plus
+  ``lexical.weight`` times the log-probabilities of its lexical view, see ``_lexical``); the
   score is a calibrated probability ``softmax((log p_head + blend * max_cosine) / T)``; a
   route passes when its probability is ``>=`` its ``min_confidence``, its nearest utterance's
   cosine is ``>=`` its threshold (the similarity floor: far-away queries fall back however
@@ -26,11 +27,13 @@ why a fallback happened.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from semroute_stream._lexical import LexicalHead
 
 if TYPE_CHECKING:
     from semroute_stream._routes import RoutesConfig
@@ -45,6 +48,8 @@ __all__ = [
     "ScoreMatrix",
     "choose",
     "decide",
+    "head_log_proba",
+    "head_probabilities",
     "route_scores",
     "score_matrix",
     "similarities",
@@ -114,6 +119,7 @@ class HeadParams:
     temperature: float = 1.0  # probabilities = softmax(scores / temperature)
     min_confidence: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (R,)
     min_margin: float | None = None
+    lexical: LexicalHead | None = None  # the lexical view (decisions then need the texts)
 
     def __post_init__(self) -> None:
         weights = np.ascontiguousarray(self.weights, dtype=np.float32)
@@ -131,6 +137,10 @@ class HeadParams:
             raise ValueError("head: temperature must be > 0")
         if not (self.blend >= 0 and np.isfinite(self.blend)):
             raise ValueError("head: blend must be >= 0")
+        if self.lexical is not None and self.lexical.n_routes != n_routes:
+            raise ValueError(
+                f"head: the lexical view has {self.lexical.n_routes} routes, not {n_routes}"
+            )
         object.__setattr__(self, "weights", _frozen(weights))
         object.__setattr__(self, "bias", _frozen(bias))
         object.__setattr__(self, "min_confidence", _frozen(np.ascontiguousarray(confidence)))
@@ -356,11 +366,36 @@ class ScoreMatrix:
     passing: np.ndarray  # (B, R) bool, the route passes every test of the method
 
 
-def head_probabilities(head: HeadParams, queries: np.ndarray, nearest: np.ndarray) -> np.ndarray:
-    """``softmax((log_softmax(q W + b) + blend * nearest) / temperature)``, float32."""
-    logits = queries @ head.weights + head.bias
+def head_log_proba(
+    weights: np.ndarray,
+    bias: np.ndarray,
+    lexical: LexicalHead | None,
+    queries: np.ndarray,
+    texts: Sequence[str] | None,
+) -> np.ndarray:
+    """The head's (uncalibrated) scores: ``log_softmax(q W + b)``, plus ``lexical.weight``
+    times the lexical view's log-probabilities of ``texts`` when the head has one."""
+    logits = queries @ weights + bias
     logits -= logits.max(axis=1, keepdims=True)
-    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    log_p: np.ndarray = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    if lexical is not None:
+        if texts is None or len(texts) != len(queries):
+            raise ValueError(
+                "this route head has a lexical view: pass the query texts with the embeddings "
+                f"({len(queries)} embeddings, {'no' if texts is None else len(texts)} texts)"
+            )
+        log_p += np.float32(lexical.weight) * lexical.log_proba(texts)
+    return log_p
+
+
+def head_probabilities(
+    head: HeadParams,
+    queries: np.ndarray,
+    nearest: np.ndarray,
+    texts: Sequence[str] | None = None,
+) -> np.ndarray:
+    """``softmax((head_log_proba + blend * nearest) / temperature)``, float32."""
+    log_p = head_log_proba(head.weights, head.bias, head.lexical, queries, texts)
     z = (log_p + np.float32(head.blend) * nearest) / np.float32(head.temperature)
     z -= z.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -383,15 +418,18 @@ def _margins(scores: np.ndarray) -> np.ndarray:
     return out
 
 
-def score_matrix(table: RouteTable, queries: np.ndarray) -> ScoreMatrix:
-    """The scores and pass/fail of every route for a batch of normalised queries."""
+def score_matrix(
+    table: RouteTable, queries: np.ndarray, texts: Sequence[str] | None = None
+) -> ScoreMatrix:
+    """The scores and pass/fail of every route for a batch of normalised queries (``texts``,
+    the queries' texts, are needed by a head with a lexical view)."""
     q = _queries(table, queries)
     sims: np.ndarray = q @ table.utterance_embeddings.T
     nearest = _aggregate_max(table, sims)
     if table.method == "head":
         head = table.head
         assert head is not None
-        scores = head_probabilities(head, q, nearest)
+        scores = head_probabilities(head, q, nearest, texts)
         passing = (scores >= head.min_confidence[None, :]) & (nearest >= table.thresholds[None, :])
         if head.min_margin is not None:
             passing &= _margins(scores) >= np.float32(head.min_margin)
@@ -440,9 +478,10 @@ def _reasons(table: RouteTable, m: ScoreMatrix, route: np.ndarray, best: np.ndar
     return reason
 
 
-def decide(table: RouteTable, queries: np.ndarray) -> Decisions:
-    """Route a batch of L2-normalised query embeddings ``(B, D)``."""
-    m = score_matrix(table, queries)
+def decide(table: RouteTable, queries: np.ndarray, texts: Sequence[str] | None = None) -> Decisions:
+    """Route a batch of L2-normalised query embeddings ``(B, D)``; ``texts`` (the queries'
+    texts, in the same order) are needed when the table's head has a lexical view."""
+    m = score_matrix(table, queries, texts)
     scores, sims = m.scores, m.sims
     n_rows, n_routes = scores.shape
     rows = np.arange(n_rows)

@@ -25,10 +25,8 @@ import orjson
 
 from semroute_stream._decision import (
     METHODS,
-    HeadParams,
     RouteTable,
     choose,
-    head_probabilities,
     score_matrix,
 )
 from semroute_stream._errors import ConfigError
@@ -40,7 +38,6 @@ from semroute_stream._heads import (
     candidate_scores,
     choose_method,
     fit_temperature,
-    log_softmax,
 )
 from semroute_stream._routes import RoutesConfig
 
@@ -228,10 +225,10 @@ def evaluate(
     precision/recall/F1, the most frequent ``confusions`` (gold -> predicted; None = fallback),
     ``fallback_reasons`` (how many fallbacks each reason caused), and the authoring aids
     ``confusing_utterances`` and ``overlapping_routes`` (``texts``, the queries, give
-    examples).
+    examples; a head with a lexical view needs them).
     """
     gold = label_indices(table, labels)
-    m = score_matrix(table, embeddings)
+    m = score_matrix(table, embeddings, texts)
     figures = report(table, m.scores, gold, passing=m.passing)
     pred, best = choose(m.scores, table.thresholds, m.passing)
     figures["fallback_reasons"] = _fallback_reasons(table, m.scores, m.nearest, pred, best)
@@ -579,15 +576,20 @@ class LabelledScores:
 
 
 def labelled_scores(
-    table: RouteTable, head: HeadModel | None, embeddings: np.ndarray, labels: Sequence[str | None]
+    table: RouteTable,
+    head: HeadModel | None,
+    embeddings: np.ndarray,
+    labels: Sequence[str | None],
+    texts: Sequence[str] | None = None,
 ) -> LabelledScores:
-    """The candidates' scores on labelled rows (``table`` gives the utterances)."""
+    """The candidates' scores on labelled rows (``table`` gives the utterances; ``texts``,
+    the rows' texts, are needed by a head with a lexical view)."""
     gold = label_indices(table, labels)
     q = np.asarray(embeddings, dtype=np.float32).reshape(-1, table.dim)
     sims = q @ table.utterance_embeddings.T
     nearest = METHODS["max"](table, sims)
     top5 = METHODS["top5_mean"](table, sims)
-    log_proba = log_softmax(q @ head.weights + head.bias) if head is not None else None
+    log_proba = head.log_proba(q, texts) if head is not None else None
     return LabelledScores(gold, nearest, top5, log_proba)
 
 
@@ -664,12 +666,13 @@ def compare_methods(
     head: HeadModel | None,
     embeddings: np.ndarray,
     labels: Sequence[str | None],
+    texts: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Every candidate method on labelled data: ``top1_accuracy`` (in scope, no fallback),
     ``overall_accuracy`` with the fallback defaults derived from the utterances alone (what
     ``auto`` would run), ``fitted_overall_accuracy`` with one global fallback setting fitted
     on this data (optimistic), and ``cv_accuracy`` on the utterances."""
-    ls = labelled_scores(table, head, embeddings, labels)
+    ls = labelled_scores(table, head, embeddings, labels, texts)
     cv = head.cv if head is not None else None
     out: list[dict[str, Any]] = []
     candidates: list[tuple[str, float]] = [("max", 0.0), ("top5_mean", 0.0)]
@@ -764,6 +767,7 @@ def fit_routes(
     embeddings: np.ndarray,
     labels: Sequence[str | None],
     *,
+    texts: Sequence[str] | None = None,
     methods: Sequence[str] = ("max", "top5_mean", "head"),
     min_support: int = 5,
     min_gain: int = 2,
@@ -780,10 +784,11 @@ def fit_routes(
     ``min_margin``), so the comparison itself uses few parameters per candidate.
 
     ``table`` compiles ``routes`` (its utterances are used); ``head`` is the head trained on
-    those utterances (None: the head is not a candidate)."""
+    those utterances (None: the head is not a candidate); ``texts`` are the labelled rows'
+    texts (needed by a head with a lexical view)."""
     if min_gain < 1 or min_support < 1:
         raise ValueError("min_gain and min_support must be >= 1")
-    ls = labelled_scores(table, head, embeddings, labels)
+    ls = labelled_scores(table, head, embeddings, labels, texts)
     gold = ls.gold
     n_rows = len(gold)
     n_routes = len(table.names)
@@ -848,9 +853,7 @@ def fit_routes(
 
     assert head is not None
     fb = head_settings[best_index]
-    q = np.asarray(embeddings, dtype=np.float32).reshape(-1, table.dim)
-    params = HeadParams(head.weights, head.bias, blend=blend, temperature=fb.temperature)
-    proba = head_probabilities(params, q, ls.nearest).astype(np.float64)
+    proba = softmax_rows(ls.scores("head", blend) / fb.temperature)
     masked = np.where(ls.nearest >= fb.min_similarity, proba, -np.inf)
     support = np.bincount(gold[in_scope], minlength=n_routes)
     tunable = [r for r in range(n_routes) if support[r] >= min_support]

@@ -2,8 +2,10 @@
 
 Pure numpy. The head is trained when routes load, on every route's example utterances (and,
 by default, each route's name as one more example: ``lost_or_stolen_card`` -> "lost or
-stolen card"), with L2 regularisation and a compact full-batch L-BFGS. Training is
-deterministic (zero start, fixed iteration rules) and takes about a second for 150 routes x
+stolen card"), with L2 regularisation and a compact full-batch L-BFGS. A second regression on
+the same texts' words (``_lexical``: TF-IDF of words and word pairs) is its lexical view; its
+log-probabilities are added with the weight ``head.lexical`` (0 turns it off). Training is
+deterministic (zero start, fixed iteration rules) and takes a few seconds for 150 routes x
 1,500 utterances on two cores.
 
 Cross-validation on the utterances (``FOLDS``-fold, by position within each route) gives
@@ -35,6 +37,9 @@ from typing import Any
 
 import numpy as np
 
+from semroute_stream._decision import head_log_proba
+from semroute_stream._lexical import MAX_TERMS, LexicalHead, Vocabulary
+
 __all__ = [
     "AUTO_MIN_HELD_OUT",
     "BLEND_GRID",
@@ -58,11 +63,12 @@ __all__ = [
     "softmax",
     "top5_mean_by_route",
     "train_head",
+    "train_lexical",
 ]
 
 log = logging.getLogger(__name__)
 
-HEAD_VERSION = 1
+HEAD_VERSION = 2
 """Bump when training changes: it is part of the cache key."""
 
 FOLDS = 5
@@ -244,6 +250,33 @@ def train_head(
     return weights, bias, iterations
 
 
+def train_lexical(
+    texts: Sequence[str],
+    labels: np.ndarray,
+    n_routes: int,
+    *,
+    l2: float,
+    weight: float,
+    vocabulary: Vocabulary | None = None,
+    init: tuple[np.ndarray, np.ndarray] | None = None,
+    max_iter: int = MAX_ITER,
+    gtol: float = GTOL,
+) -> LexicalHead:
+    """The lexical view: a regression on the TF-IDF rows of ``texts`` (vocabulary fitted on
+    them unless given)."""
+    vocabulary = vocabulary if vocabulary is not None else Vocabulary.fit(texts)
+    weights, bias, _ = train_head(
+        vocabulary.transform(texts),
+        labels,
+        n_routes,
+        l2=l2,
+        init=init,
+        max_iter=max_iter,
+        gtol=gtol,
+    )
+    return LexicalHead(vocabulary, weights, bias, weight)
+
+
 # --- cross-validation on the utterances ----------------------------------------------------
 
 
@@ -254,7 +287,7 @@ class CrossValidation:
 
     held_out: np.ndarray  # (n,) intp, utterance indices
     gold: np.ndarray  # (n,) intp, their routes
-    head_log_proba: np.ndarray  # (n, R) float32, head trained without the fold
+    head_log_proba: np.ndarray  # (n, R) float32, head (+ lexical view) trained without the fold
     max_score: np.ndarray  # (n, R) float32, nearest remaining utterance per route
     top5_score: np.ndarray  # (n, R) float32, top5_mean against the remaining utterances
 
@@ -283,13 +316,22 @@ def cross_validate(
     l2: float,
     init: tuple[np.ndarray, np.ndarray] | None = None,
     folds: int = FOLDS,
+    lexical: LexicalHead | None = None,
+    texts: Sequence[str] = (),
+    extra_texts: Sequence[str] = (),
 ) -> CrossValidation:
     """Train the head ``folds`` times, each time without one fold of the utterances (the
     extra examples -- route names -- always stay in), and score the held-out utterances with
-    every method. ``init`` (the full head) warm-starts each fold: same optimum, fewer steps."""
+    every method. ``init`` (the full head) warm-starts each fold: same optimum, fewer steps.
+    ``lexical`` (the full lexical view; ``texts``/``extra_texts`` are the utterances' and the
+    extra examples' texts) is retrained per fold on its vocabulary and warm-started the same
+    way."""
     u = np.asarray(utterance_embeddings, dtype=np.float32)
     route_of = np.asarray(route_of, dtype=np.intp)
     fold = fold_of(route_of, folds)
+    if lexical is not None:
+        lex_rows = lexical.vocabulary.transform([*texts, *extra_texts])
+        lex_utts, lex_extra = lex_rows[: len(u)], lex_rows[len(u) :]
     held: list[np.ndarray] = []
     log_proba: list[np.ndarray] = []
     max_scores: list[np.ndarray] = []
@@ -307,7 +349,19 @@ def cross_validate(
         q = u[test]
         sims = q @ u[train].T
         held.append(test)
-        log_proba.append(log_softmax(q @ weights + bias))
+        lp = log_softmax(q @ weights + bias)
+        if lexical is not None:
+            lex_w, lex_b, _ = train_head(
+                np.concatenate([lex_utts[train], lex_extra]),
+                labels,
+                n_routes,
+                l2=l2,
+                init=(lexical.weights, lexical.bias),
+                max_iter=CV_MAX_ITER,
+                gtol=CV_GTOL,
+            )
+            lp += np.float32(lexical.weight) * log_softmax(lex_utts[test] @ lex_w + lex_b)
+        log_proba.append(lp)
         max_scores.append(max_by_route(sims, route_of[train], n_routes))
         top5_scores.append(top5_mean_by_route(sims, route_of[train], n_routes))
     if not held:
@@ -516,6 +570,11 @@ class HeadModel:
     cached: bool  # loaded from the cache
     seconds: float  # training (+ cross-validation) time, or cache load time
     iterations: int = 0
+    lexical: LexicalHead | None = None  # the lexical view (None: head.lexical is 0)
+
+    def log_proba(self, queries: np.ndarray, texts: Sequence[str] | None) -> np.ndarray:
+        """The head's uncalibrated scores for normalised queries (and their texts)."""
+        return head_log_proba(self.weights, self.bias, self.lexical, queries, texts)
 
 
 def head_cache_key(
@@ -527,6 +586,7 @@ def head_cache_key(
     use_names: bool,
     with_cv: bool,
     dim: int,
+    lexical: float = 0.0,
 ) -> str:
     """A hash of everything the head's weights depend on (not thresholds, endpoints, ...)."""
     payload = json.dumps(
@@ -536,6 +596,8 @@ def head_cache_key(
             "dim": dim,
             "l2": l2,
             "use_names": use_names,
+            "lexical": lexical,
+            "max_terms": MAX_TERMS,
             "cv": with_cv,
             "folds": FOLDS,
             "routes": [[n, list(u)] for n, u in zip(route_names, utterances, strict=True)],
@@ -554,6 +616,7 @@ def default_head_cache_dir() -> Path:
 
 _CACHE_ARRAYS = ("weights", "bias", "fingerprint")
 _CV_ARRAYS = ("held_out", "gold", "head_log_proba", "max_score", "top5_score")
+_LEX_ARRAYS = ("lex_terms", "lex_idf", "lex_weights", "lex_bias")
 
 
 def _fingerprint(utterance_embeddings: np.ndarray, route_of: np.ndarray, n: int) -> np.ndarray:
@@ -565,7 +628,9 @@ def _fingerprint(utterance_embeddings: np.ndarray, route_of: np.ndarray, n: int)
     return out
 
 
-def _read_cache(path: Path, fingerprint: np.ndarray, with_cv: bool) -> HeadModel | None:
+def _read_cache(
+    path: Path, fingerprint: np.ndarray, with_cv: bool, lexical: float
+) -> HeadModel | None:
     started = time.perf_counter()
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -575,7 +640,7 @@ def _read_cache(path: Path, fingerprint: np.ndarray, with_cv: bool) -> HeadModel
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
         log.warning("route head cache %s is unreadable (%s): retraining", path, err)
         return None
-    needed = _CACHE_ARRAYS + (_CV_ARRAYS if with_cv else ())
+    needed = _CACHE_ARRAYS + (_CV_ARRAYS if with_cv else ()) + (_LEX_ARRAYS if lexical else ())
     if any(name not in arrays for name in needed):
         return None
     stored = arrays["fingerprint"]
@@ -583,6 +648,12 @@ def _read_cache(path: Path, fingerprint: np.ndarray, with_cv: bool) -> HeadModel
         log.info("route head cache %s was made with other embeddings: retraining", path)
         return None
     cv = CrossValidation(**{name: arrays[name] for name in _CV_ARRAYS}) if with_cv else None
+    lexical_head = None
+    if lexical:
+        vocabulary = Vocabulary(tuple(str(t) for t in arrays["lex_terms"]), arrays["lex_idf"])
+        lexical_head = LexicalHead(
+            vocabulary, arrays["lex_weights"], arrays["lex_bias"], float(lexical)
+        )
     return HeadModel(
         weights=arrays["weights"],
         bias=arrays["bias"],
@@ -590,6 +661,7 @@ def _read_cache(path: Path, fingerprint: np.ndarray, with_cv: bool) -> HeadModel
         key=path.stem,
         cached=True,
         seconds=time.perf_counter() - started,
+        lexical=lexical_head,
     )
 
 
@@ -618,15 +690,21 @@ def load_or_train_head(
     l2: float,
     with_cv: bool,
     cache_dir: Path | None,
+    lexical: float = 0.0,
+    texts: Sequence[str] = (),
+    name_texts: Sequence[str] = (),
 ) -> HeadModel:
     """The head (and, with ``with_cv``, its cross-validation): from ``cache_dir/<key>.npz``
-    when there, else trained and written there. ``cache_dir=None`` disables the cache."""
+    when there, else trained and written there. ``cache_dir=None`` disables the cache.
+
+    ``lexical`` > 0 adds the lexical view with that weight, trained on ``texts`` (the
+    utterances) and ``name_texts`` (the names' texts, when ``name_embeddings`` is given)."""
     u = np.ascontiguousarray(utterance_embeddings, dtype=np.float32)
     route_of = np.asarray(route_of, dtype=np.intp)
     fingerprint = _fingerprint(u, route_of, n_routes)
     path = cache_dir / f"{key}.npz" if cache_dir is not None else None
     if path is not None:
-        hit = _read_cache(path, fingerprint, with_cv)
+        hit = _read_cache(path, fingerprint, with_cv, lexical)
         if hit is not None:
             return hit
     started = time.perf_counter()
@@ -639,8 +717,27 @@ def load_or_train_head(
     features = np.concatenate([u, extra])
     labels = np.concatenate([route_of, extra_route])
     weights, bias, iterations = train_head(features, labels, n_routes, l2=l2)
+    extra_texts = list(name_texts) if len(extra) else []
+    lexical_head = None
+    if lexical:
+        if len(texts) != len(u) or len(extra_texts) != len(extra):
+            raise ValueError("the lexical view needs the text of every utterance and name")
+        lexical_head = train_lexical(
+            [*texts, *extra_texts], labels, n_routes, l2=l2, weight=lexical
+        )
     cv = (
-        cross_validate(u, route_of, extra, extra_route, n_routes, l2=l2, init=(weights, bias))
+        cross_validate(
+            u,
+            route_of,
+            extra,
+            extra_route,
+            n_routes,
+            l2=l2,
+            init=(weights, bias),
+            lexical=lexical_head,
+            texts=texts,
+            extra_texts=extra_texts,
+        )
         if with_cv
         else None
     )
@@ -653,6 +750,11 @@ def load_or_train_head(
         }
         if cv is not None:
             arrays.update({name: getattr(cv, name) for name in _CV_ARRAYS})
+        if lexical_head is not None:
+            arrays["lex_terms"] = np.array(lexical_head.vocabulary.terms, dtype=str)
+            arrays["lex_idf"] = lexical_head.vocabulary.idf
+            arrays["lex_weights"] = lexical_head.weights
+            arrays["lex_bias"] = lexical_head.bias
         _write_cache(path, arrays)
     key_out = path.stem if path is not None else key
-    return HeadModel(weights, bias, cv, key_out, False, seconds, iterations)
+    return HeadModel(weights, bias, cv, key_out, False, seconds, iterations, lexical_head)

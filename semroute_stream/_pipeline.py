@@ -454,12 +454,13 @@ class Pipeline:
             return
         t0 = time.perf_counter()
         with self._tracer.span("encode", {"messaging.batch.message_count": len(good)}):
-            embeddings = await asyncio.to_thread(self._encode, [q.text for _, q, _ in good])
+            texts = [q.text for _, q, _ in good]
+            embeddings = await asyncio.to_thread(self._encode, texts)
         t1 = time.perf_counter()
         # One router (and its targets) decides the whole batch, even if a reload swaps it.
         router, targets = self.router, self._targets
         with self._tracer.span("decide", {"semroute.routes_version": router.version}):
-            decisions = router.decide(embeddings)
+            decisions = router.decide(embeddings, texts)
         t2 = time.perf_counter()
         self.metrics.encode_seconds.observe(t1 - t0)
         self.metrics.decide_seconds.observe(t2 - t1)

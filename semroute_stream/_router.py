@@ -113,6 +113,11 @@ class Resolution:
         if self.head is not None:
             out["head_cache"] = "hit" if self.head.cached else "miss"
             out["head_seconds"] = round(self.head.seconds, 4)
+            if self.head.lexical is not None:
+                out["lexical"] = {
+                    "weight": self.head.lexical.weight,
+                    "terms": len(self.head.lexical.vocabulary),
+                }
             out["head_key"] = self.head.key
         return out
 
@@ -227,6 +232,7 @@ def resolve_routes(
         temperature=temperature,
         min_confidence=per_route,
         min_margin=settings.min_margin,
+        lexical=model.lexical,
     )
     floor = choice.min_similarity if choice is not None else None
     table = RouteTable.build(
@@ -251,6 +257,7 @@ def train_route_head(
         [i for i, route in enumerate(routes.routes) for _ in route.utterances], dtype=np.intp
     )
     names = name_embeddings if routes.head.use_names else None
+    lexical = routes.head.lexical
     key = head_cache_key(
         model_name,
         [route.name for route in routes.routes],
@@ -259,6 +266,7 @@ def train_route_head(
         use_names=names is not None,
         with_cv=with_cv,
         dim=int(u.shape[1]),
+        lexical=lexical,
     )
     return load_or_train_head(
         u,
@@ -269,6 +277,9 @@ def train_route_head(
         l2=routes.head.l2,
         with_cv=with_cv,
         cache_dir=cache_dir,
+        lexical=lexical,
+        texts=utterances_of(routes),
+        name_texts=head_texts(routes) if names is not None else [],
     )
 
 
@@ -306,13 +317,15 @@ class Router:
         self.table = self.resolution.table
         self.version = routes_version(routes)
 
-    def decide(self, embeddings: np.ndarray) -> Decisions:
-        return decide(self.table, embeddings)
+    def decide(self, embeddings: np.ndarray, texts: Sequence[str] | None = None) -> Decisions:
+        """Decide for encoded queries; ``texts`` (theirs, in order) are needed when the head
+        has a lexical view (``head.lexical`` > 0, the default)."""
+        return decide(self.table, embeddings, texts)
 
     def route(self, texts: Sequence[str]) -> list[dict[str, Any]]:
         """Encode, decide and explain: one JSON-ready dict per text, in input order."""
         if not texts:
             return []
-        decisions = self.decide(self.encoder.encode(texts))
+        decisions = self.decide(self.encoder.encode(texts), texts)
         extra = {"model": self.encoder.model_name, "routes_version": self.version}
         return [{**decisions.explain(i, self.table), **extra} for i in range(len(decisions))]

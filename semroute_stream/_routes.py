@@ -14,6 +14,8 @@ YAML or JSON with one schema (see ``config/routes.example.yaml``)::
                                 #   below this; null = no margin rule
       l2: 0.0001                # L2 regularisation of the head
       use_names: true           # each route's name is one more training example
+      lexical: 0.25             # weight of the head's lexical view (TF-IDF of words and word
+                                #   pairs) added to its log-probabilities; 0 = embeddings only
     fallback: {name: fallback, endpoint: null, model: null, system_prompt: null}
     routes:
       - name: billing
@@ -172,6 +174,7 @@ class HeadConfig(BaseModel):
     min_margin: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
     l2: float = Field(default=1e-4, gt=0.0, le=10.0, allow_inf_nan=False)
     use_names: bool = True
+    lexical: float = Field(default=0.25, ge=0.0, le=10.0, allow_inf_nan=False)
 
 
 class RoutesConfig(BaseModel):

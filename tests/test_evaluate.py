@@ -308,7 +308,7 @@ def _head_case(
     labels: list[str | None] = [f"r{g}" for g in gold] + [None] * len(far)
     cfg = RoutesConfig.model_validate(
         {
-            "head": {"use_names": False},
+            "head": {"use_names": False, "lexical": 0},
             "routes": [
                 {"name": f"r{k}", "utterances": [f"r{k} {i}" for i in range(per_route)]}
                 for k in range(n_routes)
@@ -361,7 +361,7 @@ def test_fit_picks_max_where_the_nearest_utterance_wins(tmp_path: Path) -> None:
     labels: list[str | None] = ["x" if p < 2 else "y" for p in pick]
     cfg = RoutesConfig.model_validate(
         {
-            "head": {"use_names": False},
+            "head": {"use_names": False, "lexical": 0},
             "routes": [
                 {"name": "x", "utterances": [f"x{i}" for i in range(16)]},
                 {"name": "y", "utterances": [f"y{i}" for i in range(16)]},

@@ -218,7 +218,7 @@ def test_auto_picks_the_nearest_utterance_where_it_wins(tmp_path: Path) -> None:
     assert choice.cv_accuracy["max"] == 1.0
     assert choice.cv_accuracy["head(blend=0)"] < 0.8
 
-    cfg = config(2, 20, head={"use_names": False})
+    cfg = config(2, 20, head={"use_names": False, "lexical": 0})
     resolution = resolve_routes(cfg, x, None, model_name="m", cache_dir=tmp_path)
     assert resolution.method == "max" and resolution.table.auto
     assert resolution.choice is not None and resolution.choice.method == "max"
@@ -233,7 +233,7 @@ def test_auto_picks_the_head_where_it_wins(tmp_path: Path) -> None:
     assert choice.method == "head"
     assert choice.cv_accuracy[f"head(blend={choice.blend:g})"] > choice.cv_accuracy["max"]
 
-    cfg = config(4, 15, head={"use_names": False})
+    cfg = config(4, 15, head={"use_names": False, "lexical": 0})
     resolution = resolve_routes(cfg, x, None, model_name="m", cache_dir=tmp_path)
     assert resolution.method == "head" and resolution.table.head is not None
     assert resolution.table.head.blend == choice.blend
@@ -311,8 +311,8 @@ def test_calibrated_fallback_rejects_far_away_queries(tmp_path: Path) -> None:
     table = router.table
     assert table.method == "head" and table.head is not None
     encoder = router.encoder
-    queries = encoder.encode(["my parcel is late", "bananas and zebras sing opera"])
-    d = router.decide(queries)
+    texts = ["my parcel is late", "bananas and zebras sing opera"]
+    d = router.decide(encoder.encode(texts), texts)
     assert d.route.tolist() == [1, -1]
     # The far-away query: nothing in common with any utterance, so below the similarity
     # floor, whatever the head's probabilities say.
@@ -327,19 +327,26 @@ def test_the_confidence_floor_and_margin_reject_unsure_queries(tmp_path: Path) -
     router = head_router(
         tmp_path,
         default_threshold=0.0,
-        head={"min_confidence": 0.9, "temperature": 1.0, "blend": 0.0},
+        head={"min_confidence": 0.9, "temperature": 1.0, "blend": 0.0, "lexical": 0},
     )
-    vectors = router.encoder.encode(["refund my payment where is my parcel", "reset my password"])
-    d = router.decide(vectors)
+    texts = ["refund my payment where is my parcel", "reset my password"]
+    vectors = router.encoder.encode(texts)
+    d = router.decide(vectors, texts)
     assert d.route.tolist() == [-1, 2]
     assert FALLBACK_REASONS[d.reason[0]] == "low_confidence"
     assert d.score[0] < 0.9 == pytest.approx(d.threshold[0])
     margin = head_router(
         tmp_path,
         default_threshold=0.0,
-        head={"min_margin": 0.99, "min_confidence": 0.0, "temperature": 1.0, "blend": 0.0},
+        head={
+            "min_margin": 0.99,
+            "min_confidence": 0.0,
+            "temperature": 1.0,
+            "blend": 0.0,
+            "lexical": 0,
+        },
     )
-    m = margin.decide(vectors)
+    m = margin.decide(vectors, texts)
     assert m.route.tolist() == [-1, -1]
     assert FALLBACK_REASONS[m.reason[0]] == "low_margin"
 
@@ -376,7 +383,7 @@ def test_auto_leaves_the_head_out_when_it_would_be_too_slow_to_train(
     from semroute_stream import _router
 
     x, _ = noisy_routes(np.random.default_rng(8), per_route=15)
-    cfg = config(4, 15, head={"use_names": False})
+    cfg = config(4, 15, head={"use_names": False, "lexical": 0})
     monkeypatch.setattr(_router, "AUTO_MAX_CELLS", 4 * 60 - 1)
     resolution = resolve_routes(cfg, x, None, model_name="m", cache_dir=tmp_path)
     assert resolution.method == "max" and resolution.head is None
