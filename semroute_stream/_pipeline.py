@@ -266,10 +266,21 @@ class Pipeline:
             self._stopping.set()
             drain = None if self._replay_complete else self.settings.flow.drain_timeout_s
             await self._drain(drain)
+            # Never cancel the committer inside a commit: a transaction cancelled while it
+            # commits leaves its producer unusable for the final commit. Bounded: with the
+            # broker gone a commit would wait without end (then nothing more is committed and
+            # the uncommitted work is redelivered).
+            idle = False
+            with contextlib.suppress(TimeoutError):
+                idle = await asyncio.wait_for(self._commit_lock.acquire(), _CLIENT_STOP_S)
             committer.cancel()
+            if idle:
+                self._commit_lock.release()
             with contextlib.suppress(asyncio.CancelledError):
                 await committer
             try:  # bounded: with the broker gone the commit would wait without end
+                if not idle:
+                    raise TimeoutError("a commit still running at shutdown")
                 await asyncio.wait_for(self._commit(), _CLIENT_STOP_S)
             except (KafkaError, TimeoutError) as err:
                 log.warning("final commit failed (%r): uncommitted work is redelivered", err)
