@@ -50,6 +50,7 @@ __all__ = [
     "decide",
     "head_log_proba",
     "head_probabilities",
+    "log_softmax",
     "route_scores",
     "score_matrix",
     "similarities",
@@ -366,6 +367,13 @@ class ScoreMatrix:
     passing: np.ndarray  # (B, R) bool, the route passes every test of the method
 
 
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax (float32 in, float32 out)."""
+    shifted = z - z.max(axis=1, keepdims=True)
+    out: np.ndarray = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return out
+
+
 def head_log_proba(
     weights: np.ndarray,
     bias: np.ndarray,
@@ -375,16 +383,14 @@ def head_log_proba(
 ) -> np.ndarray:
     """The head's (uncalibrated) scores: ``log_softmax(q W + b)``, plus ``lexical.weight``
     times the lexical view's log-probabilities of ``texts`` when the head has one."""
-    logits = queries @ weights + bias
-    logits -= logits.max(axis=1, keepdims=True)
-    log_p: np.ndarray = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    log_p = log_softmax(queries @ weights + bias)
     if lexical is not None:
         if texts is None or len(texts) != len(queries):
             raise ValueError(
                 "this route head has a lexical view: pass the query texts with the embeddings "
                 f"({len(queries)} embeddings, {'no' if texts is None else len(texts)} texts)"
             )
-        log_p += np.float32(lexical.weight) * lexical.log_proba(texts)
+        log_p += np.float32(lexical.weight) * log_softmax(lexical.logits(texts))
     return log_p
 
 

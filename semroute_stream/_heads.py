@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from semroute_stream._decision import head_log_proba
+from semroute_stream._decision import head_log_proba, log_softmax
 from semroute_stream._lexical import MAX_TERMS, LexicalHead, Vocabulary
 
 __all__ = [
@@ -95,13 +95,6 @@ TOP5 = 5
 
 
 # --- small numeric helpers -----------------------------------------------------------------
-
-
-def log_softmax(z: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax (float32 in, float32 out)."""
-    shifted = z - z.max(axis=1, keepdims=True)
-    out: np.ndarray = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    return out
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -257,23 +250,11 @@ def train_lexical(
     *,
     l2: float,
     weight: float,
-    vocabulary: Vocabulary | None = None,
-    init: tuple[np.ndarray, np.ndarray] | None = None,
-    max_iter: int = MAX_ITER,
-    gtol: float = GTOL,
 ) -> LexicalHead:
-    """The lexical view: a regression on the TF-IDF rows of ``texts`` (vocabulary fitted on
-    them unless given)."""
-    vocabulary = vocabulary if vocabulary is not None else Vocabulary.fit(texts)
-    weights, bias, _ = train_head(
-        vocabulary.transform(texts),
-        labels,
-        n_routes,
-        l2=l2,
-        init=init,
-        max_iter=max_iter,
-        gtol=gtol,
-    )
+    """The lexical view: a regression on the TF-IDF rows of ``texts``, vocabulary fitted on
+    them."""
+    vocabulary = Vocabulary.fit(texts)
+    weights, bias, _ = train_head(vocabulary.transform(texts), labels, n_routes, l2=l2)
     return LexicalHead(vocabulary, weights, bias, weight)
 
 

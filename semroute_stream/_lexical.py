@@ -80,7 +80,8 @@ class Vocabulary:
 
 @dataclass(frozen=True, eq=False)
 class LexicalHead:
-    """A logistic regression on TF-IDF rows; the head adds ``weight * log_proba(texts)``."""
+    """A logistic regression on TF-IDF rows; the head adds ``weight`` times the
+    log-softmax of its ``logits``."""
 
     vocabulary: Vocabulary
     weights: np.ndarray  # (V, R) float32
@@ -108,9 +109,7 @@ class LexicalHead:
     def n_routes(self) -> int:
         return int(self.weights.shape[1])
 
-    def log_proba(self, texts: Sequence[str]) -> np.ndarray:
-        """``(len(texts), R)`` float32 log-probabilities of the lexical regression."""
-        logits = self.vocabulary.transform(texts) @ self.weights + self.bias
-        logits -= logits.max(axis=1, keepdims=True)
-        out: np.ndarray = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    def logits(self, texts: Sequence[str]) -> np.ndarray:
+        """``(len(texts), R)`` float32 logits of the lexical regression."""
+        out: np.ndarray = self.vocabulary.transform(texts) @ self.weights + self.bias
         return out

@@ -57,8 +57,12 @@ def test_a_lexical_head_checks_its_shapes() -> None:
         LexicalHead(vocabulary, np.zeros((1, 2)), np.zeros(2), 0.5)
     with pytest.raises(ValueError, match="weight must be > 0"):
         LexicalHead(vocabulary, np.zeros((len(vocabulary), 2)), np.zeros(2), 0.0)
-    head = LexicalHead(vocabulary, np.zeros((len(vocabulary), 2)), np.zeros(2), 0.5)
-    np.testing.assert_allclose(np.exp(head.log_proba(["word", "nothing"])).sum(axis=1), 1.0)
+    bias = np.array([0.5, -1.0])
+    head = LexicalHead(vocabulary, np.ones((len(vocabulary), 2)), bias, 0.5)
+    logits = head.logits(["word", "nothing"])
+    assert logits.shape == (2, 2)
+    np.testing.assert_allclose(logits[1], bias)  # no known term: the bias alone
+    assert np.all(logits[0] > bias)  # "word" is known and every weight is positive
 
 
 def keyword_case(
@@ -125,7 +129,7 @@ def test_the_lexical_view_is_cached_with_the_head(tmp_path: Path) -> None:
     assert cold.lexical is not None and hit.lexical is not None
     assert hit.lexical.vocabulary.terms == cold.lexical.vocabulary.terms
     assert hit.lexical.weight == 0.25
-    np.testing.assert_array_equal(hit.lexical.log_proba(texts), cold.lexical.log_proba(texts))
+    np.testing.assert_array_equal(hit.lexical.logits(texts), cold.lexical.logits(texts))
     # Another weight is another head: not served from this cache entry.
     other = cfg.model_copy(update={"head": cfg.head.model_copy(update={"lexical": 0.5})})
     assert not train_route_head(other, utterances, None, model_name="m", cache_dir=tmp_path).cached
