@@ -44,18 +44,18 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from semroute_stream._decision import RouteTable, decide, utterances_of  # noqa: E402
 from semroute_stream._encoder import Encoder  # noqa: E402
-from semroute_stream._evaluate import (  # noqa: E402
+from semroute_stream._model_build import default_cache_root  # noqa: E402
+from semroute_stream._offline.evaluate import (  # noqa: E402
     Labelled,
     add_labelled_utterances,
     evaluate,
     fit_routes,
     load_labelled,
 )
-from semroute_stream._model_build import default_cache_root  # noqa: E402
-from semroute_stream._router import head_texts, resolve_routes, train_route_head  # noqa: E402
-from semroute_stream._routes import RoutesConfig, load_routes  # noqa: E402
+from semroute_stream._routing.decision import RouteTable, decide, utterances_of  # noqa: E402
+from semroute_stream._routing.router import head_texts, resolve_routes, train_route_head  # noqa: E402
+from semroute_stream._routing.schema import RoutesConfig, load_routes  # noqa: E402
 
 DATASETS = REPO.parent / "shared" / "datasets"
 CASES = {

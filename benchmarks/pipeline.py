@@ -86,10 +86,10 @@ from _common import (
 from aiokafka import AIOKafkaProducer
 
 from semroute_stream._encoder import Encoder
-from semroute_stream._pipeline import Pipeline, run_service
-from semroute_stream._router import Router
-from semroute_stream._routes import load_routes
-from semroute_stream._settings import Settings, load_settings
+from semroute_stream._routing.router import Router
+from semroute_stream._routing.schema import load_routes
+from semroute_stream._service.pipeline import Pipeline, run_service
+from semroute_stream._service.settings import Settings, load_settings
 
 OVERHEAD_TARGET = 0.15
 

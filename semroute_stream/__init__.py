@@ -6,7 +6,6 @@ calls that route's OpenAI-compatible LLM endpoint and publishes the outcome. Eve
 importable from here; the ``_``-prefixed modules are private.
 """
 
-from ._decision import Decisions, RouteTable, decide
 from ._encoder import Encoder, EncoderConfig
 from ._errors import (
     CircuitOpenError,
@@ -18,11 +17,12 @@ from ._errors import (
     ModelError,
     SemrouteError,
 )
-from ._llm import EndpointConfig, LLMPool, LLMResult
-from ._pipeline import RunStats, run_service
-from ._router import Router
-from ._routes import Fallback, Route, RoutesConfig, load_routes, routes_version, save_routes
-from ._settings import Settings, load_settings
+from ._routing.decision import Decisions, RouteTable, decide
+from ._routing.router import Router
+from ._routing.schema import Fallback, Route, RoutesConfig, load_routes, routes_version, save_routes
+from ._service.llm import EndpointConfig, LLMPool, LLMResult
+from ._service.pipeline import RunStats, run_service
+from ._service.settings import Settings, load_settings
 
 __version__ = "0.1.0"
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from semroute_stream._cli import main
+from ._cli.app import main
 
 if __name__ == "__main__":
     sys.exit(main())

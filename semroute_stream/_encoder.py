@@ -30,8 +30,8 @@ import numpy.typing as npt
 import pydantic
 from pydantic import Field
 
-from semroute_stream._errors import ModelError
-from semroute_stream._model_build import (
+from ._errors import ModelError
+from ._model_build import (
     DEFAULT_MODEL_ID,
     DEFAULT_MODEL_NAME,
     MODEL_FILE,

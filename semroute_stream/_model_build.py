@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from semroute_stream._errors import ModelError
+from ._errors import ModelError
 
 __all__ = [
     "BUILD_VERSION",

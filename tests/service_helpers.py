@@ -12,7 +12,7 @@ import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from semroute_stream._settings import Settings
+from semroute_stream._service.settings import Settings
 
 ROUTES: dict[str, Any] = {
     "default_threshold": 0.45,

@@ -9,8 +9,8 @@ import pytest
 from llm_stub import LLMStub
 from service_helpers import make_settings, settings_yaml
 
-from semroute_stream._check import Finding, check
-from semroute_stream._cli import main
+from semroute_stream._cli.app import main
+from semroute_stream._service.check import Finding, check
 
 
 def test_an_unreadable_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,4 +1,4 @@
-"""The command line (semroute_stream._cli): embed, eval, fit, route.
+"""The command line (semroute_stream._cli.app): embed, eval, fit, route.
 
 Most tests run ``main()`` in-process with the bag-of-words FakeEncoder; the ``real_model``
 ones run the installed command on the real all-MiniLM-L6-v2 encoder.
@@ -19,8 +19,8 @@ import pytest
 import yaml
 from fakes import FakeEncoder
 
-from semroute_stream import _cli
-from semroute_stream._routes import load_routes
+from semroute_stream._cli import app as _cli
+from semroute_stream._routing.schema import load_routes
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_ROUTES = REPO / "config" / "routes.example.yaml"

@@ -1,4 +1,4 @@
-"""The batch decision (semroute_stream._decision) on hand-made vectors with known answers."""
+"""The batch decision (_routing.decision) on hand-made vectors with known answers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from fakes import FakeEncoder
 
-from semroute_stream._decision import (
+from semroute_stream._routing.decision import (
     FALLBACK_REASONS,
     METHODS,
     Decisions,
@@ -16,8 +16,8 @@ from semroute_stream._decision import (
     RouteTable,
     decide,
 )
-from semroute_stream._router import Router
-from semroute_stream._routes import RoutesConfig, routes_version
+from semroute_stream._routing.router import Router
+from semroute_stream._routing.schema import RoutesConfig, routes_version
 
 DIM = 32
 QUERY = np.eye(DIM, dtype=np.float32)[0]

@@ -1,4 +1,4 @@
-"""Evaluation figures and threshold fitting (semroute_stream._evaluate) with known answers."""
+"""Evaluation figures and threshold fitting (_offline.evaluate) with known answers."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from fakes import unit
 
-from semroute_stream._decision import RouteTable, decide
 from semroute_stream._errors import ConfigError
-from semroute_stream._evaluate import (
+from semroute_stream._offline.evaluate import (
     add_labelled_utterances,
     compare_methods,
     evaluate,
@@ -21,8 +20,9 @@ from semroute_stream._evaluate import (
     load_labelled,
     suspect_utterances,
 )
-from semroute_stream._router import resolve_routes, train_route_head
-from semroute_stream._routes import RoutesConfig
+from semroute_stream._routing.decision import RouteTable, decide
+from semroute_stream._routing.router import resolve_routes, train_route_head
+from semroute_stream._routing.schema import RoutesConfig
 
 DIM = 64
 E = np.eye(DIM, dtype=np.float32)
@@ -436,7 +436,7 @@ def _cli_files(tmp_path: Path) -> dict[str, Path]:
 def fake_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     from fakes import FakeEncoder
 
-    from semroute_stream import _cli
+    from semroute_stream._cli import app as _cli
 
     encoder = FakeEncoder()
     monkeypatch.setattr(_cli, "make_encoder", lambda args: encoder)
@@ -447,7 +447,7 @@ def fake_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     import json
 
-    from semroute_stream import _cli
+    from semroute_stream._cli import app as _cli
 
     code = _cli.main(argv)
     out = capsys.readouterr().out
@@ -482,7 +482,7 @@ def test_eval_method_auto_compares_the_methods(
 
 
 def test_fit_records_the_method(fake_cli: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from semroute_stream._routes import load_routes
+    from semroute_stream._routing.schema import load_routes
 
     files = _cli_files(fake_cli)
     out = fake_cli / "fitted.yaml"
@@ -506,7 +506,7 @@ def test_fit_records_the_method(fake_cli: Path, capsys: pytest.CaptureFixture[st
 
 
 def test_fit_adding_utterances(fake_cli: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from semroute_stream._routes import load_routes
+    from semroute_stream._routing.schema import load_routes
 
     files = _cli_files(fake_cli)
     out = fake_cli / "more.json"
@@ -520,7 +520,7 @@ def test_fit_adding_utterances(fake_cli: Path, capsys: pytest.CaptureFixture[str
 
 
 def test_suspect_utterances_find_a_mislabelled_example() -> None:
-    from semroute_stream._heads import cross_validate
+    from semroute_stream._routing.heads import cross_validate
 
     rng = np.random.default_rng(13)
     centres = 2.0 * np.eye(DIM)[:3]

@@ -1,5 +1,5 @@
-"""The learned route head (semroute_stream._heads) and how routes resolve to a method
-(semroute_stream._router): training, cache, cross-validated choice, calibrated fallback."""
+"""The learned route head (semroute_stream._routing.heads) and how routes resolve to a method
+(semroute_stream._routing.router): training, cache, cross-validated choice, calibrated fallback."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from fakes import FakeEncoder
 
-from semroute_stream._decision import FALLBACK_REASONS, decide
-from semroute_stream._heads import (
+from semroute_stream._routing.decision import FALLBACK_REASONS, decide
+from semroute_stream._routing.heads import (
     FOLDS,
     choose_method,
     cross_validate,
@@ -22,8 +22,8 @@ from semroute_stream._heads import (
     name_text,
     train_head,
 )
-from semroute_stream._router import Router, resolve_routes
-from semroute_stream._routes import RoutesConfig
+from semroute_stream._routing.router import Router, resolve_routes
+from semroute_stream._routing.schema import RoutesConfig
 
 DIM = 24
 
@@ -380,7 +380,7 @@ def test_explain_for_the_head(tmp_path: Path) -> None:
 def test_auto_leaves_the_head_out_when_it_would_be_too_slow_to_train(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from semroute_stream import _router
+    from semroute_stream._routing import router as _router
 
     x, _ = noisy_routes(np.random.default_rng(8), per_route=15)
     cfg = config(4, 15, head={"use_names": False, "lexical": 0})

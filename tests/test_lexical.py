@@ -1,4 +1,4 @@
-"""The route head's lexical view (semroute_stream._lexical) and how the head uses it."""
+"""The route head's lexical view (semroute_stream._routing.lexical) and how the head uses it."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from semroute_stream._decision import decide
-from semroute_stream._lexical import LexicalHead, Vocabulary, terms
-from semroute_stream._router import resolve_routes, train_route_head
-from semroute_stream._routes import RoutesConfig
+from semroute_stream._routing.decision import decide
+from semroute_stream._routing.lexical import LexicalHead, Vocabulary, terms
+from semroute_stream._routing.router import resolve_routes, train_route_head
+from semroute_stream._routing.schema import RoutesConfig
 
 DIM = 16
 

@@ -18,7 +18,7 @@ from semroute_stream._errors import (
     LLMPermanentError,
     LLMRetryableError,
 )
-from semroute_stream._llm import (
+from semroute_stream._service.llm import (
     EndpointConfig,
     LLMPool,
     LLMResult,

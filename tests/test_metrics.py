@@ -22,13 +22,13 @@ from ops_helpers import http_get, samples, value, wait_until
 from service_helpers import BAD_INPUTS, QUERIES, make_settings, produce, query_message
 
 from semroute_stream._errors import ConfigError
-from semroute_stream._logging import JsonFormatter, TextFormatter
-from semroute_stream._observe import ERROR_KINDS, HttpServer, Metrics
-from semroute_stream._pipeline import Pipeline, open_service
-from semroute_stream._router import Router
-from semroute_stream._routes import load_routes
-from semroute_stream._settings import TracingConfig
-from semroute_stream._tracing import Tracer, make_tracer
+from semroute_stream._routing.router import Router
+from semroute_stream._routing.schema import load_routes
+from semroute_stream._service.log_setup import JsonFormatter, TextFormatter
+from semroute_stream._service.observe import ERROR_KINDS, HttpServer, Metrics
+from semroute_stream._service.pipeline import Pipeline, open_service
+from semroute_stream._service.settings import TracingConfig
+from semroute_stream._service.tracing import Tracer, make_tracer
 
 
 @pytest.mark.kafka

@@ -9,14 +9,13 @@ import orjson
 import pytest
 
 from semroute_stream._errors import InputError
-from semroute_stream._records import (
+from semroute_stream._input import Query, parse_input
+from semroute_stream._service.records import (
     DEAD_LETTER_SCHEMA,
     OUTCOME_SCHEMA,
-    Query,
     Source,
     dead_letter_record,
     outcome_record,
-    parse_input,
 )
 
 OPTS: dict[str, Any] = {

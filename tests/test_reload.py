@@ -15,10 +15,10 @@ from fakes import FakeEncoder
 from ops_helpers import wait_until
 from service_helpers import ROUTES, make_settings, produce, query_message, read_topic
 
-from semroute_stream._llm import LLMPool
-from semroute_stream._pipeline import Pipeline, open_service
-from semroute_stream._router import Router
-from semroute_stream._routes import load_routes, parse_routes, routes_version
+from semroute_stream._routing.router import Router
+from semroute_stream._routing.schema import load_routes, parse_routes, routes_version
+from semroute_stream._service.llm import LLMPool
+from semroute_stream._service.pipeline import Pipeline, open_service
 
 COOKING = {
     "name": "cooking",

@@ -1,4 +1,4 @@
-"""The routes file (semroute_stream._routes): schema, validation messages, round trips."""
+"""The routes file (semroute_stream._routing.schema): schema, validation messages, round trips."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from semroute_stream._errors import ConfigError
-from semroute_stream._routes import (
+from semroute_stream._routing.schema import (
     HeadConfig,
     RoutesConfig,
     load_routes,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from semroute_stream._errors import ConfigError
-from semroute_stream._settings import load_settings
+from semroute_stream._service.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from ._settings import LoggingConfig
+from .settings import LoggingConfig
 
 __all__ = ["JsonFormatter", "TextFormatter", "setup_logging"]
 

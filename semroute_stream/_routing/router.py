@@ -14,8 +14,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from semroute_stream._decision import Decisions, HeadParams, RouteTable, decide, utterances_of
-from semroute_stream._heads import (
+from .decision import Decisions, HeadParams, RouteTable, decide, utterances_of
+from .heads import (
     AUTO_MIN_HELD_OUT,
     HeadModel,
     MethodChoice,
@@ -26,7 +26,7 @@ from semroute_stream._heads import (
     load_or_train_head,
     name_text,
 )
-from semroute_stream._routes import RoutesConfig, routes_version
+from .schema import RoutesConfig, routes_version
 
 __all__ = [
     "Resolution",

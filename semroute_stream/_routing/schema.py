@@ -65,8 +65,8 @@ from pydantic import (
     model_validator,
 )
 
-from semroute_stream._decision import DECISION_METHODS
-from semroute_stream._errors import ConfigError
+from .._errors import ConfigError
+from .decision import DECISION_METHODS
 
 __all__ = [
     "DEFAULT_SIMILARITY_THRESHOLD",

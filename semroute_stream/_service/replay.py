@@ -8,7 +8,7 @@ What it does, and the choices made:
 * **Assignment and group.** The partitions are assigned manually (no group membership: no
   rebalance with the live service, which keeps running). Progress is committed to a consumer
   group of the replay's own, ``<input.group_id>.replay.<UTC time>``, never to the live group.
-* **Same code.** It runs :class:`~semroute_stream._pipeline.Pipeline` itself (parse, encode,
+* **Same code.** It runs :class:`~semroute_stream._service.pipeline.Pipeline` itself (parse, encode,
   decide, LLM call, outcome and dead-letter records), with the routes file as it is now.
 * **Outputs.** The configured topics (outcome records keep their ``idempotency_key``, so a
   consumer deduplicating by it drops them: point the outputs elsewhere with
@@ -33,11 +33,11 @@ from aiokafka.admin import AIOKafkaAdminClient
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ._errors import ConfigError
-from ._kafka import connection_kwargs
-from ._pipeline import RunStats, open_service, signal_handlers
-from ._records import Source
-from ._settings import Settings
+from .._errors import ConfigError
+from .kafka import connection_kwargs
+from .pipeline import RunStats, open_service, signal_handlers
+from .records import Source
+from .settings import Settings
 
 __all__ = [
     "JsonlSink",

@@ -17,12 +17,12 @@ from typing import Literal
 
 import httpx
 
-from ._errors import ConfigError, SemrouteError
-from ._llm import resolve_api_keys
-from ._pipeline import route_targets
-from ._replay import topic_partitions
-from ._routes import RoutesConfig, load_routes, routes_version
-from ._settings import Settings, load_settings
+from .._errors import ConfigError, SemrouteError
+from .._routing.schema import RoutesConfig, load_routes, routes_version
+from .llm import resolve_api_keys
+from .pipeline import route_targets
+from .replay import topic_partitions
+from .settings import Settings, load_settings
 
 __all__ = ["Finding", "check"]
 
@@ -101,7 +101,7 @@ def _check_routes(settings: Settings, note: Note) -> RoutesConfig | None:
 
 
 async def _check_encoder(settings: Settings, note: Note) -> None:
-    from ._encoder import Encoder
+    from .._encoder import Encoder
 
     try:
         encoder = await asyncio.to_thread(Encoder, settings.encoder)

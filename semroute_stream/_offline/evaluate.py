@@ -23,14 +23,14 @@ from typing import Any
 import numpy as np
 import orjson
 
-from semroute_stream._decision import (
+from .._errors import ConfigError
+from .._routing.decision import (
     METHODS,
     RouteTable,
     choose,
     score_matrix,
 )
-from semroute_stream._errors import ConfigError
-from semroute_stream._heads import (
+from .._routing.heads import (
     BLEND_GRID,
     CrossValidation,
     HeadModel,
@@ -39,7 +39,7 @@ from semroute_stream._heads import (
     choose_method,
     fit_temperature,
 )
-from semroute_stream._routes import RoutesConfig
+from .._routing.schema import RoutesConfig
 
 __all__ = [
     "FitResult",

@@ -33,10 +33,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from semroute_stream._lexical import LexicalHead
+from .lexical import LexicalHead
 
 if TYPE_CHECKING:
-    from semroute_stream._routes import RoutesConfig
+    from .schema import RoutesConfig
 
 __all__ = [
     "DECISION_METHODS",

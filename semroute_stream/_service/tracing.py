@@ -15,8 +15,8 @@ import contextlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ._errors import ConfigError
-from ._settings import TracingConfig
+from .._errors import ConfigError
+from .settings import TracingConfig
 
 __all__ = ["Tracer", "make_tracer"]
 

@@ -21,9 +21,9 @@ import orjson
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from semroute_stream._decision import RouteTable
-from semroute_stream._errors import ConfigError, InputError, SemrouteError
-from semroute_stream._evaluate import (
+from .._errors import ConfigError, InputError, SemrouteError
+from .._input import parse_input
+from .._offline.evaluate import (
     Labelled,
     add_labelled_utterances,
     compare_methods,
@@ -33,16 +33,16 @@ from semroute_stream._evaluate import (
     load_labelled,
     suspect_utterances,
 )
-from semroute_stream._offline import default_rejects_path, route_file
-from semroute_stream._records import parse_input
-from semroute_stream._router import (
+from .._offline.route_file import default_rejects_path, route_file
+from .._routing.decision import RouteTable
+from .._routing.router import (
     Router,
     TextEncoder,
     head_texts,
     resolve_routes,
     train_route_head,
 )
-from semroute_stream._routes import (
+from .._routing.schema import (
     ROUTES_METHODS,
     RoutesConfig,
     load_routes,
@@ -60,7 +60,7 @@ ENCODE_BATCH = 256
 
 def make_encoder(args: argparse.Namespace) -> TextEncoder:
     """The encoder the common options ask for (tests replace this function with a fake)."""
-    from semroute_stream._encoder import Encoder, EncoderConfig
+    from .._encoder import Encoder, EncoderConfig
 
     options = {
         "model": args.model,
@@ -569,9 +569,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     """The streaming service: consume, route, call the LLM workers, publish, commit."""
     import asyncio
 
-    from semroute_stream._logging import setup_logging
-    from semroute_stream._pipeline import run_service
-    from semroute_stream._settings import load_settings
+    from .._service.log_setup import setup_logging
+    from .._service.pipeline import run_service
+    from .._service.settings import load_settings
 
     settings = load_settings(args.config)
     setup_logging(settings.logging, args.log_level)
@@ -590,9 +590,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     """Reprocess a range of the input topic, then stop (see semroute_stream/_replay.py)."""
     import asyncio
 
-    from semroute_stream._logging import setup_logging
-    from semroute_stream._replay import ReplayStart, parse_partitions, parse_timestamp, run_replay
-    from semroute_stream._settings import load_settings
+    from .._service.log_setup import setup_logging
+    from .._service.replay import ReplayStart, parse_partitions, parse_timestamp, run_replay
+    from .._service.settings import load_settings
 
     settings = load_settings(args.config)
     setup_logging(settings.logging, args.log_level)
@@ -616,7 +616,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     """Validate the config and routes, reach the broker and every LLM endpoint."""
     import asyncio
 
-    from semroute_stream._check import check
+    from .._service.check import check
 
     return asyncio.run(check(args.config, say=lambda finding: print(finding.line(), flush=True)))
 

@@ -29,8 +29,8 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 from threadpoolctl import threadpool_limits
 
-from ._encoder import Encoder
-from ._errors import (
+from .._encoder import Encoder
+from .._errors import (
     CircuitOpenError,
     ConfigError,
     InputError,
@@ -38,15 +38,16 @@ from ._errors import (
     LLMPermanentError,
     LLMRetryableError,
 )
-from ._kafka import CommitTracker, make_consumer, make_producer, make_transactional_producer
-from ._llm import LLMPool, LLMResult, resolve_api_keys
-from ._observe import CIRCUIT_STATES, HttpServer, Metrics, Response, metrics_response
-from ._records import Query, Source, dead_letter_record, outcome_record, parse_input
-from ._router import Router
-from ._routes import RoutesConfig, load_routes, routes_version
-from ._settings import Settings
-from ._tracing import Tracer, make_tracer
-from ._transactions import OutRecord, PartitionFenced, PartitionTransactions
+from .._input import Query, parse_input
+from .._routing.router import Router
+from .._routing.schema import RoutesConfig, load_routes, routes_version
+from .kafka import CommitTracker, make_consumer, make_producer, make_transactional_producer
+from .llm import LLMPool, LLMResult, resolve_api_keys
+from .observe import CIRCUIT_STATES, HttpServer, Metrics, Response, metrics_response
+from .records import Source, dead_letter_record, outcome_record
+from .settings import Settings
+from .tracing import Tracer, make_tracer
+from .transactions import OutRecord, PartitionFenced, PartitionTransactions
 
 log = logging.getLogger("semroute_stream")
 

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from ._errors import ConfigError
+from .._errors import ConfigError
 
 __all__ = ["CIRCUIT_STATES", "ERROR_KINDS", "HttpServer", "Metrics", "Response"]
 

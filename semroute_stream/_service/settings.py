@@ -15,9 +15,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from ._encoder import EncoderConfig
-from ._errors import ConfigError
-from ._llm import EndpointConfig
+from .._encoder import EncoderConfig
+from .._errors import ConfigError
+from .llm import EndpointConfig
 
 
 class _Section(BaseModel):

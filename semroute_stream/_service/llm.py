@@ -40,7 +40,7 @@ from typing import Any, Self
 import httpx
 import pydantic
 
-from semroute_stream._errors import (
+from .._errors import (
     CircuitOpenError,
     ConfigError,
     LLMPermanentError,

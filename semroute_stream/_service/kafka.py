@@ -13,7 +13,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.helpers import create_ssl_context
 
-from ._settings import KafkaConfig, Settings
+from .settings import KafkaConfig, Settings
 
 
 def connection_kwargs(cfg: KafkaConfig) -> dict[str, Any]:

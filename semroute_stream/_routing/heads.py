@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from semroute_stream._decision import head_log_proba, log_softmax
-from semroute_stream._lexical import MAX_TERMS, LexicalHead, Vocabulary
+from .decision import head_log_proba, log_softmax
+from .lexical import MAX_TERMS, LexicalHead, Vocabulary
 
 __all__ = [
     "AUTO_MIN_HELD_OUT",
@@ -590,7 +590,7 @@ def head_cache_key(
 
 
 def default_head_cache_dir() -> Path:
-    from semroute_stream._model_build import default_cache_root
+    from .._model_build import default_cache_root
 
     return default_cache_root() / "heads"
 

@@ -19,9 +19,9 @@ from typing import IO, Any
 import orjson
 from tqdm import tqdm
 
-from semroute_stream._errors import InputError
-from semroute_stream._records import parse_input
-from semroute_stream._router import Router
+from .._errors import InputError
+from .._input import parse_input
+from .._routing.router import Router
 
 __all__ = ["OfflineSummary", "default_rejects_path", "route_file"]
 

@@ -1,0 +1,1 @@
+"""The offline tools on labelled data and files: eval, fit, thresholds, file routing."""

@@ -1,0 +1,1 @@
+"""The Kafka service: settings, input records, delivery, LLM workers, operations."""
