@@ -45,16 +45,19 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 
 from semroute_stream._encoder import Encoder  # noqa: E402
-from semroute_stream._model_build import default_cache_root  # noqa: E402
-from semroute_stream._offline.evaluate import (  # noqa: E402
-    Labelled,
-    add_labelled_utterances,
-    evaluate,
-    fit_routes,
-    load_labelled,
+from semroute_stream._files import default_cache_root  # noqa: E402
+from semroute_stream._offline.evaluate import evaluate  # noqa: E402
+from semroute_stream._offline.fit import add_labelled_utterances  # noqa: E402
+from semroute_stream._offline.labelled import Labelled, load_labelled  # noqa: E402
+from semroute_stream._offline.tune import fit_routes  # noqa: E402
+from semroute_stream._routing.decision import decide  # noqa: E402
+from semroute_stream._routing.router import (  # noqa: E402
+    compile_table,
+    head_texts,
+    resolve_routes,
+    train_route_head,
+    utterances_of,
 )
-from semroute_stream._routing.decision import RouteTable, decide, utterances_of  # noqa: E402
-from semroute_stream._routing.router import head_texts, resolve_routes, train_route_head  # noqa: E402
 from semroute_stream._routing.schema import RoutesConfig, load_routes  # noqa: E402
 
 DATASETS = REPO.parent / "shared" / "datasets"
@@ -160,7 +163,7 @@ class Case:
         head = train_route_head(
             self.routes, self.utterances, self.names, model_name=self.model_name, cache_dir=cache
         )
-        base = RouteTable.build(self.routes, self.utterances, method="max")
+        base = compile_table(self.routes, self.utterances, method="max")
         result = fit_routes(self.routes, base, head, queries, data.labels, texts=data.texts)
         return result.routes, result
 

@@ -32,9 +32,6 @@ import contextlib
 import hashlib
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._errors import ModelError
+from ._files import atomic_copy, atomic_write_bytes, default_cache_root
 
 __all__ = [
     "BUILD_VERSION",
@@ -51,7 +49,6 @@ __all__ = [
     "WEIGHTS_PACKAGE",
     "WEIGHTS_SHA256",
     "build_minilm_onnx",
-    "default_cache_root",
     "locate_weights_dir",
     "provision_default_model",
 ]
@@ -90,12 +87,8 @@ VOCAB = 30522
 #: Runtime's attention fusion matches; exp(-10000 - max) is exactly 0 in float32.
 MASK_NEG = -10000.0
 
-F32 = npt.NDArray[np.float32]
 
-
-# --------------------------------------------------------------------------------------------
-# Locating the weights and the cache
-# --------------------------------------------------------------------------------------------
+# --- locating the weights and the cache ----------------------------------------------------
 
 
 def locate_weights_dir() -> Path:
@@ -119,17 +112,6 @@ def locate_weights_dir() -> Path:
     return model_dir
 
 
-def default_cache_root() -> Path:
-    """``$SEMROUTE_CACHE_DIR``, else ``$XDG_CACHE_HOME/semroute-stream``, else ``~/.cache/...``."""
-    env = os.environ.get("SEMROUTE_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        return Path(xdg).expanduser() / "semroute-stream"
-    return Path.home() / ".cache" / "semroute-stream"
-
-
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -138,9 +120,7 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-# --------------------------------------------------------------------------------------------
-# Graph construction
-# --------------------------------------------------------------------------------------------
+# --- graph construction --------------------------------------------------------------------
 
 
 class _GraphBuilder:
@@ -174,7 +154,7 @@ class _GraphBuilder:
         return out
 
 
-def _weights(weights: dict[str, npt.NDArray[Any]], key: str, shape: tuple[int, ...]) -> F32:
+def _weights(weights: dict[str, np.ndarray], key: str, shape: tuple[int, ...]) -> np.ndarray:
     if key not in weights:
         raise ModelError(f"weights file has no tensor {key!r}: not a BERT/MiniLM checkpoint")
     array = np.asarray(weights[key], dtype=np.float32)
@@ -186,7 +166,7 @@ def _weights(weights: dict[str, npt.NDArray[Any]], key: str, shape: tuple[int, .
 def _linear(
     g: _GraphBuilder,
     x: str,
-    w: dict[str, npt.NDArray[Any]],
+    w: dict[str, np.ndarray],
     prefix: str,
     name: str,
     shape: tuple[int, int],
@@ -200,15 +180,13 @@ def _linear(
     return g.node("Add", [mm, b], f"{name}.add")
 
 
-def _layer_norm(
-    g: _GraphBuilder, x: str, w: dict[str, npt.NDArray[Any]], prefix: str, name: str
-) -> str:
+def _layer_norm(g: _GraphBuilder, x: str, w: dict[str, np.ndarray], prefix: str, name: str) -> str:
     gamma = g.const(f"{name}.gamma", _weights(w, f"{prefix}.weight", (HIDDEN,)), np.float32)
     beta = g.const(f"{name}.beta", _weights(w, f"{prefix}.bias", (HIDDEN,)), np.float32)
     return g.node("LayerNormalization", [x, gamma, beta], name, axis=-1, epsilon=LN_EPS)
 
 
-def _make_model(weights: dict[str, npt.NDArray[Any]]) -> Any:
+def _make_model(weights: dict[str, np.ndarray]) -> Any:
     """The ONNX ModelProto of the BERT encoder (returned as Any: onnx is untyped for mypy)."""
     from onnx import TensorProto, helper
 
@@ -358,50 +336,18 @@ def build_minilm_onnx(
     except ImportError as exc:  # pragma: no cover - dependency of the project
         raise ModelError(f"cannot import safetensors ({exc}); reinstall semroute-stream") from exc
     try:
-        weights: dict[str, npt.NDArray[Any]] = load_file(str(weights_path))
+        weights: dict[str, np.ndarray] = load_file(str(weights_path))
     except Exception as exc:  # safetensors raises its own error types
         raise ModelError(f"cannot read weights file {weights_path}: {exc}") from exc
 
     model = _make_model(weights)
     data: bytes = model.SerializeToString(deterministic=True)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(out_path, data)
+    atomic_write_bytes(out_path, data, durable=True, mode=0o644)
     return out_path
 
 
-# --------------------------------------------------------------------------------------------
-# Cache provisioning
-# --------------------------------------------------------------------------------------------
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_copy(src: Path, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out, src.open("rb") as inp:
-            shutil.copyfileobj(inp, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+# --- cache provisioning --------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -465,7 +411,9 @@ def provision_default_model(cache_dir: Path | None = None) -> Path:
             for stale in target.glob(".*.tmp"):  # left by a killed build; writers hold the lock
                 stale.unlink(missing_ok=True)
             model_path = build_minilm_onnx(weights_dir / "model.safetensors", target / MODEL_FILE)
-            _atomic_copy(weights_dir / TOKENIZER_FILE, target / TOKENIZER_FILE)
+            atomic_copy(
+                weights_dir / TOKENIZER_FILE, target / TOKENIZER_FILE, durable=True, mode=0o644
+            )
             marker = {
                 "model": DEFAULT_MODEL_ID,
                 "build_version": BUILD_VERSION,
@@ -483,8 +431,11 @@ def provision_default_model(cache_dir: Path | None = None) -> Path:
                     },
                 },
             }
-            _atomic_write_bytes(
-                target / MARKER_FILE, (json.dumps(marker, indent=2, sort_keys=True) + "\n").encode()
+            atomic_write_bytes(
+                target / MARKER_FILE,
+                (json.dumps(marker, indent=2, sort_keys=True) + "\n").encode(),
+                durable=True,
+                mode=0o644,
             )
     except OSError as exc:
         raise ModelError(f"cannot write the model cache in {target}: {exc}") from exc

@@ -1,4 +1,4 @@
-"""The command line (semroute_stream._cli.app): embed, eval, fit, route.
+"""The command line (semroute_stream._cli: app, offline): embed, eval, fit, route.
 
 Most tests run ``main()`` in-process with the bag-of-words FakeEncoder; the ``real_model``
 ones run the installed command on the real all-MiniLM-L6-v2 encoder.
@@ -20,6 +20,7 @@ import yaml
 from fakes import FakeEncoder
 
 from semroute_stream._cli import app as _cli
+from semroute_stream._cli import offline as _cli_offline
 from semroute_stream._routing.schema import load_routes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +61,7 @@ LABELLED = [
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> FakeEncoder:
     encoder = FakeEncoder()
-    monkeypatch.setattr(_cli, "make_encoder", lambda args: encoder)
+    monkeypatch.setattr(_cli_offline, "make_encoder", lambda args: encoder)
     return encoder
 
 

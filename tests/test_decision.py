@@ -16,7 +16,7 @@ from semroute_stream._routing.decision import (
     RouteTable,
     decide,
 )
-from semroute_stream._routing.router import Router
+from semroute_stream._routing.router import Router, compile_table
 from semroute_stream._routing.schema import RoutesConfig, routes_version
 
 DIM = 32
@@ -58,7 +58,7 @@ def table_from_cosines(
     )
     slots = iter(range(1, DIM))
     vectors = [at(c, next(slots)) for cosines in routes.values() for c in cosines]
-    return RouteTable.build(cfg, np.stack(vectors))
+    return compile_table(cfg, np.stack(vectors))
 
 
 def one(table: RouteTable) -> Decisions:
@@ -150,7 +150,7 @@ def test_ties_go_to_the_lowest_route_index(method: str) -> None:
             "routes": [{"name": n, "utterances": [n]} for n in ("x", "y", "z")],
         }
     )
-    table = RouteTable.build(cfg, vectors)
+    table = compile_table(cfg, vectors)
     d = one(table)
     assert d.route[0] == 0 and d.runner_up[0] == 1
     assert d.top_routes[0].tolist() == [0, 1, 2]
@@ -254,7 +254,7 @@ def test_matches_a_naive_reference_on_random_data(method: str) -> None:
             ],
         }
     )
-    table = RouteTable.build(cfg, utts.astype(np.float32))
+    table = compile_table(cfg, utts.astype(np.float32))
     d = decide(table, queries.astype(np.float32))
     for i, q in enumerate(queries.astype(np.float32)):
         route, best, scores = _reference(table, q)
@@ -392,7 +392,7 @@ def test_head_matches_a_naive_reference_on_random_data(min_margin: float | None)
         min_confidence=np.array([0.3, 0.2, 0.5, 0.25, 0.4], dtype=np.float32),
         min_margin=min_margin,
     )
-    table = RouteTable.build(cfg, utts.astype(np.float32), head=head)
+    table = compile_table(cfg, utts.astype(np.float32), head=head)
     d = decide(table, queries.astype(np.float32))
     reasons: set[str | None] = set()
     for i, q in enumerate(queries.astype(np.float32)):
@@ -413,15 +413,15 @@ def test_a_head_table_needs_a_head_of_the_right_shape() -> None:
         {"method": "head", "routes": [{"name": "a", "utterances": ["x"]}]}
     )
     with pytest.raises(ValueError, match="needs a trained head"):
-        RouteTable.build(cfg, np.eye(1, 4, dtype=np.float32))
+        compile_table(cfg, np.eye(1, 4, dtype=np.float32))
     wrong = HeadParams(weights=np.zeros((3, 1), np.float32), bias=np.zeros(1, np.float32))
     with pytest.raises(ValueError, match="weights of shape"):
-        RouteTable.build(cfg, np.eye(1, 4, dtype=np.float32), head=wrong)
+        compile_table(cfg, np.eye(1, 4, dtype=np.float32), head=wrong)
     with pytest.raises(ValueError, match="temperature"):
         HeadParams(np.zeros((4, 1)), np.zeros(1), temperature=0.0)
     with pytest.raises(ValueError, match="min_confidence"):
         HeadParams(np.zeros((4, 2)), np.zeros(2), min_confidence=np.zeros(3))
     # A routes file saying auto compiles as max when built directly (Router resolves auto).
     auto = RoutesConfig.model_validate({"routes": [{"name": "a", "utterances": ["x"]}]})
-    table = RouteTable.build(auto, np.eye(1, 4, dtype=np.float32))
+    table = compile_table(auto, np.eye(1, 4, dtype=np.float32))
     assert table.method == "max" and table.auto

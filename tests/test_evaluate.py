@@ -1,4 +1,4 @@
-"""Evaluation figures and threshold fitting (_offline.evaluate) with known answers."""
+"""Evaluation figures and threshold fitting (_offline.*) with known answers."""
 
 from __future__ import annotations
 
@@ -11,17 +11,14 @@ import pytest
 from fakes import unit
 
 from semroute_stream._errors import ConfigError
-from semroute_stream._offline.evaluate import (
-    add_labelled_utterances,
-    compare_methods,
-    evaluate,
-    fit_routes,
-    fit_thresholds,
-    load_labelled,
-    suspect_utterances,
-)
-from semroute_stream._routing.decision import RouteTable, decide
-from semroute_stream._routing.router import resolve_routes, train_route_head
+from semroute_stream._offline.compare import compare_methods
+from semroute_stream._offline.evaluate import evaluate, suspect_utterances
+from semroute_stream._offline.fit import add_labelled_utterances
+from semroute_stream._offline.labelled import load_labelled
+from semroute_stream._offline.thresholds import fit_thresholds
+from semroute_stream._offline.tune import fit_routes
+from semroute_stream._routing.decision import decide
+from semroute_stream._routing.router import compile_table, resolve_routes, train_route_head
 from semroute_stream._routing.schema import RoutesConfig
 
 DIM = 64
@@ -51,7 +48,7 @@ def two_routes(default_threshold: float = 0.5, **extra: object) -> RoutesConfig:
 
 def test_evaluate_figures_on_a_tiny_known_case() -> None:
     cfg = two_routes()
-    table = RouteTable.build(cfg, E[:2])
+    table = compile_table(cfg, E[:2])
     queries = np.stack(
         [
             E[0],  # -> a, gold a: right
@@ -89,7 +86,7 @@ def test_evaluate_figures_on_a_tiny_known_case() -> None:
 
 
 def test_evaluate_undefined_figures_are_none() -> None:
-    table = RouteTable.build(two_routes(), E[:2])
+    table = compile_table(two_routes(), E[:2])
     figures = evaluate(table, E[:2], ["a", "b"])  # no null labels, no fallbacks
     assert figures["overall_accuracy"] == 1.0
     assert figures["fallback_precision"] is None and figures["fallback_recall"] is None
@@ -98,7 +95,7 @@ def test_evaluate_undefined_figures_are_none() -> None:
 
 
 def test_evaluate_rejects_unknown_labels() -> None:
-    table = RouteTable.build(two_routes(), E[:2])
+    table = compile_table(two_routes(), E[:2])
     with pytest.raises(ValueError, match="'zzz'"):
         evaluate(table, E[:1], ["zzz"])
 
@@ -136,7 +133,7 @@ def test_fit_repairs_a_bad_default_threshold() -> None:
     # In-scope queries sit at .70-.90 from their route, out-of-scope ones at .30-.40:
     # any default threshold in (.40, .70] is perfect; .95 rejects everything.
     cfg = two_routes(default_threshold=0.95)
-    table = RouteTable.build(cfg, E[:2])
+    table = compile_table(cfg, E[:2])
     rows, labels = [], []
     slot = iter(range(2, DIM))
     for route, name in ((0, "a"), (1, "b")):
@@ -153,7 +150,7 @@ def test_fit_repairs_a_bad_default_threshold() -> None:
     fitted = fit_thresholds(cfg, table, queries, labels)
     assert 0.40 < fitted.default_threshold <= 0.70
     assert [route.threshold for route in fitted.routes] == [None, None]
-    after = evaluate(RouteTable.build(fitted, E[:2]), queries, labels)
+    after = evaluate(compile_table(fitted, E[:2]), queries, labels)
     assert after["overall_accuracy"] == 1.0
     assert cfg.default_threshold == 0.95  # the input is left alone
 
@@ -163,7 +160,7 @@ def test_fit_sets_per_route_thresholds_where_one_global_threshold_cannot_do() ->
     # Route b: right answers at .50-.60, out-of-scope near b at .20-.30.
     # No single threshold gets everything; a in (.70, .80] and b in (.30, .50] do.
     cfg = two_routes(default_threshold=0.5)
-    table = RouteTable.build(cfg, E[:2])
+    table = compile_table(cfg, E[:2])
     rows, labels = [], []
     slot = iter(range(2, DIM))
     cases = {
@@ -181,7 +178,7 @@ def test_fit_sets_per_route_thresholds_where_one_global_threshold_cannot_do() ->
     thresholds = fitted.thresholds()
     assert 0.70 < thresholds[0] <= 0.80
     assert 0.30 < thresholds[1] <= 0.50
-    after = evaluate(RouteTable.build(fitted, E[:2]), queries, labels)
+    after = evaluate(compile_table(fitted, E[:2]), queries, labels)
     assert after["overall_accuracy"] == 1.0
 
     # With too little labelled data per route, routes keep the global threshold.
@@ -192,7 +189,7 @@ def test_fit_sets_per_route_thresholds_where_one_global_threshold_cannot_do() ->
 def test_fit_keeps_metadata_and_method_and_handles_no_data() -> None:
     cfg = two_routes(method="top5_mean")
     cfg.routes[0].metadata["team"] = "x"
-    table = RouteTable.build(cfg, E[:2])
+    table = compile_table(cfg, E[:2])
     same = fit_thresholds(cfg, table, np.zeros((0, DIM), dtype=np.float32), [])
     assert same == cfg and same is not cfg
     fitted = fit_thresholds(cfg, table, E[:2], ["a", "b"])
@@ -219,13 +216,13 @@ def test_fit_is_fast_at_clinc150_size() -> None:
             ]
         }
     )
-    table = RouteTable.build(cfg, utts.astype(np.float32))
+    table = compile_table(cfg, utts.astype(np.float32))
     started = time.perf_counter()
     fitted = fit_thresholds(cfg, table, queries.astype(np.float32), labels)
     seconds = time.perf_counter() - started
     assert seconds < 20
     before = evaluate(table, queries.astype(np.float32), labels)["overall_accuracy"]
-    after_table = RouteTable.build(fitted, utts.astype(np.float32))
+    after_table = compile_table(fitted, utts.astype(np.float32))
     after = evaluate(after_table, queries.astype(np.float32), labels)["overall_accuracy"]
     assert after >= before
     assert len(decide(after_table, queries[:5].astype(np.float32))) == 5
@@ -255,7 +252,7 @@ def test_confusing_utterances_and_overlapping_routes_on_a_tiny_case() -> None:
         unit(0, 0, 0.3, 1, 0, *rest),  # b 1
         unit(0.95, 0, 0, 0, 0.3, *rest),  # b 2, the stray one
     ]
-    table = RouteTable.build(cfg, np.stack(utterances))
+    table = compile_table(cfg, np.stack(utterances))
     queries = np.stack(
         [
             unit(1, 0, 0, 0, 0.4, *[0] * (DIM - 5)),  # gold a, pulled to b by "b 2"
@@ -326,7 +323,7 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
 def test_fit_picks_and_records_the_head_where_it_wins(tmp_path: Path) -> None:
     cfg, utts, queries, labels = _head_case(np.random.default_rng(11), noise=0.25)
     head = train_route_head(cfg, utts, None, model_name="m", cache_dir=tmp_path)
-    base = RouteTable.build(cfg, utts, method="max")
+    base = compile_table(cfg, utts, method="max")
     result = fit_routes(cfg, base, head, queries, labels)
     assert result.method == "head" and result.routes.method == "head"
     chosen = [c for c in result.candidates if c["chosen"]]
@@ -369,9 +366,9 @@ def test_fit_picks_max_where_the_nearest_utterance_wins(tmp_path: Path) -> None:
         }
     )
     head = train_route_head(cfg, utts, None, model_name="m", cache_dir=None)
-    result = fit_routes(cfg, RouteTable.build(cfg, utts, method="max"), head, queries, labels)
+    result = fit_routes(cfg, compile_table(cfg, utts, method="max"), head, queries, labels)
     assert result.method == "max" and result.routes.method == "max"
-    comparison = compare_methods(RouteTable.build(cfg, utts), head, queries, labels)
+    comparison = compare_methods(compile_table(cfg, utts), head, queries, labels)
     by_name = {row["candidate"]: row for row in comparison}
     assert by_name["max"]["top1_accuracy"] == 1.0
     assert by_name["head(blend=0)"]["top1_accuracy"] < 0.8
@@ -436,10 +433,10 @@ def _cli_files(tmp_path: Path) -> dict[str, Path]:
 def fake_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     from fakes import FakeEncoder
 
-    from semroute_stream._cli import app as _cli
+    from semroute_stream._cli import offline as _cli_offline
 
     encoder = FakeEncoder()
-    monkeypatch.setattr(_cli, "make_encoder", lambda args: encoder)
+    monkeypatch.setattr(_cli_offline, "make_encoder", lambda args: encoder)
     monkeypatch.setenv("SEMROUTE_CACHE_DIR", str(tmp_path / "cache"))
     return tmp_path
 
@@ -520,7 +517,7 @@ def test_fit_adding_utterances(fake_cli: Path, capsys: pytest.CaptureFixture[str
 
 
 def test_suspect_utterances_find_a_mislabelled_example() -> None:
-    from semroute_stream._routing.heads import cross_validate
+    from semroute_stream._routing.selection import cross_validate
 
     rng = np.random.default_rng(13)
     centres = 2.0 * np.eye(DIM)[:3]
@@ -534,7 +531,7 @@ def test_suspect_utterances_find_a_mislabelled_example() -> None:
             ],
         }
     )
-    table = RouteTable.build(cfg, utts)
+    table = compile_table(cfg, utts)
     empty = np.zeros((0, DIM), np.float32)
     cv = cross_validate(utts, table.utterance_route, empty, np.zeros(0, np.intp), 3, l2=1e-4)
     for method in ("max", "head"):

@@ -1,5 +1,6 @@
-"""The learned route head (semroute_stream._routing.heads) and how routes resolve to a method
-(semroute_stream._routing.router): training, cache, cross-validated choice, calibrated fallback."""
+"""The learned route head (semroute_stream._routing.training/selection/head_cache) and how routes
+resolve to a method (…_routing.router): training, cache, cross-validated choice, calibrated
+fallback."""
 
 from __future__ import annotations
 
@@ -11,19 +12,17 @@ import pytest
 from fakes import FakeEncoder
 
 from semroute_stream._routing.decision import FALLBACK_REASONS, decide
-from semroute_stream._routing.heads import (
+from semroute_stream._routing.head_cache import head_cache_key, load_or_train_head
+from semroute_stream._routing.router import Router, resolve_routes
+from semroute_stream._routing.schema import RoutesConfig
+from semroute_stream._routing.selection import (
     FOLDS,
     choose_method,
     cross_validate,
     fit_temperature,
     fold_of,
-    head_cache_key,
-    load_or_train_head,
-    name_text,
-    train_head,
 )
-from semroute_stream._routing.router import Router, resolve_routes
-from semroute_stream._routing.schema import RoutesConfig
+from semroute_stream._routing.training import name_text, train_head
 
 DIM = 24
 

@@ -6,8 +6,8 @@ turns it into a (B x R) route-score matrix (``-inf`` where a method gives a rout
 * similarity methods (``METHODS``): ``max`` (each route scores its nearest utterance's cosine)
   and ``top5_mean`` (semantic-router's rule); a route passes when its score is ``>=`` its
   threshold;
-* ``head``: a learned route head (multinomial logistic regression, see ``_heads``, plus
-  ``lexical.weight`` times the log-probabilities of its lexical view, see ``_lexical``); the
+* ``head``: a learned route head (multinomial logistic regression, see ``training``, plus
+  ``lexical.weight`` times the log-probabilities of its lexical view, see ``lexical``); the
   score is a calibrated probability ``softmax((log p_head + blend * max_cosine) / T)``; a
   route passes when its probability is ``>=`` its ``min_confidence``, its nearest utterance's
   cosine is ``>=`` its threshold (the similarity floor: far-away queries fall back however
@@ -22,78 +22,56 @@ The decision rule is the same for every method:
 
 ``best`` is the chosen route, or, for a fallback, the highest-scoring route (the candidate
 that did not make it); ``score`` and ``threshold`` are those of ``best``, and ``reason`` says
-why a fallback happened.
+why a fallback happened. The kernels (max and top-5 mean by route, softmaxes, margins) are in
+``kernels``; compiling a routes file into a table is ``router.compile_table``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from .kernels import head_log_proba, margins, max_by_route, softmax, top5_mean_by_route
 from .lexical import LexicalHead
-
-if TYPE_CHECKING:
-    from .schema import RoutesConfig
+from .schema import DECISION_METHODS, DecisionMethod, SimilarityMethod
 
 __all__ = [
-    "DECISION_METHODS",
     "FALLBACK_REASONS",
     "METHODS",
+    "Aggregation",
     "Decisions",
     "HeadParams",
     "RouteTable",
     "ScoreMatrix",
     "choose",
     "decide",
-    "head_log_proba",
+    "fallback_reasons",
     "head_probabilities",
-    "log_softmax",
-    "route_scores",
     "score_matrix",
-    "similarities",
 ]
 
 Aggregation = Callable[["RouteTable", np.ndarray], np.ndarray]
 """``(table, sims (B, U)) -> scores (B, R) float32``; ``-inf`` marks a route with no score."""
 
-TOP5 = 5
-
 
 def _aggregate_max(table: RouteTable, sims: np.ndarray) -> np.ndarray:
     """Each route scores its nearest utterance's cosine similarity."""
-    if sims.shape[0] == 0:
-        return np.empty((0, len(table.names)), dtype=np.float32)
-    return np.maximum.reduceat(sims, table.route_starts, axis=1).astype(np.float32, copy=False)
+    return max_by_route(sims, table.utterance_route, len(table.names), table.route_starts)
 
 
 def _aggregate_top5_mean(table: RouteTable, sims: np.ndarray) -> np.ndarray:
-    """semantic-router's rule: the query's global top-5 utterances, grouped by route; a route
-    scores the mean of its utterances among them; routes absent from the top 5 get no score."""
-    n_rows, n_utts = sims.shape
-    n_routes = len(table.names)
-    k = min(TOP5, n_utts)
-    # Stable sort: among equal similarities the lower utterance index comes first.
-    top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-    top_sims = np.take_along_axis(sims, top, axis=1)
-    cells = (np.arange(n_rows)[:, None] * n_routes + table.utterance_route[top]).ravel()
-    size = n_rows * n_routes
-    sums = np.bincount(cells, weights=top_sims.ravel(), minlength=size).reshape(n_rows, n_routes)
-    counts = np.bincount(cells, minlength=size).reshape(n_rows, n_routes)
-    means = sums / np.maximum(counts, 1)
-    return np.where(counts > 0, means, -np.inf).astype(np.float32)
+    """semantic-router's rule: the mean of each route's utterances among the query's top 5."""
+    return top5_mean_by_route(sims, table.utterance_route, len(table.names))
 
 
-METHODS: dict[str, Aggregation] = {
+METHODS: dict[SimilarityMethod, Aggregation] = {
     "max": _aggregate_max,
     "top5_mean": _aggregate_top5_mean,
 }
 """The similarity methods: aggregations of utterance cosines by name."""
-
-DECISION_METHODS: tuple[str, ...] = (*METHODS, "head")
-"""Every method a route table can decide with (``auto`` in a routes file resolves to one)."""
 
 FALLBACK_REASONS: tuple[str | None, ...] = (
     None,
@@ -156,7 +134,7 @@ class RouteTable:
 
     names: tuple[str, ...]
     fallback: str
-    method: str
+    method: DecisionMethod
     top_k: int
     thresholds: np.ndarray  # (R,) float32, default filled in
     utterances: tuple[str, ...]
@@ -206,40 +184,6 @@ class RouteTable:
         object.__setattr__(self, "utterance_embeddings", _frozen(embeddings))
         object.__setattr__(self, "route_starts", _frozen(starts))
 
-    @classmethod
-    def build(
-        cls,
-        routes: RoutesConfig,
-        utterance_embeddings: np.ndarray,
-        *,
-        method: str | None = None,
-        head: HeadParams | None = None,
-        default_threshold: float | None = None,
-        auto: bool = False,
-    ) -> RouteTable:
-        """Compile ``routes``; ``utterance_embeddings`` are its utterances' embeddings, route by
-        route in file order (as ``utterances_of(routes)`` lists them).
-
-        ``method`` overrides the file's; ``auto`` without one compiles as ``max`` (``Router``
-        resolves ``auto`` properly, with the head); ``default_threshold`` is used for routes
-        without a threshold when the file sets no ``default_threshold``."""
-        if method is None:
-            auto = auto or routes.method == "auto"
-            method = "max" if routes.method == "auto" else routes.method
-        route_of = [i for i, route in enumerate(routes.routes) for _ in route.utterances]
-        return cls(
-            names=tuple(route.name for route in routes.routes),
-            fallback=routes.fallback.name,
-            method=method,
-            top_k=routes.top_k,
-            thresholds=np.asarray(routes.thresholds(default_threshold), dtype=np.float32),
-            utterances=tuple(utterances_of(routes)),
-            utterance_route=np.asarray(route_of, dtype=np.intp),
-            utterance_embeddings=utterance_embeddings,
-            head=head,
-            auto=auto,
-        )
-
     @property
     def dim(self) -> int:
         return int(self.utterance_embeddings.shape[1])
@@ -247,11 +191,6 @@ class RouteTable:
     def name_of(self, route: int) -> str:
         """A route's name, or the fallback's for -1."""
         return self.names[route] if route >= 0 else self.fallback
-
-
-def utterances_of(routes: RoutesConfig) -> list[str]:
-    """Every utterance, route by route in file order: the rows of a table's embeddings."""
-    return [text for route in routes.routes for text in route.utterances]
 
 
 def _round(value: float) -> float:
@@ -292,16 +231,6 @@ class Decisions:
         runner_up = int(self.runner_up[i])
         utterance = int(self.nearest_utterance[i])
         is_head = table.method == "head"
-        top = []
-        for r, s, sim in zip(
-            self.top_routes[i], self.top_scores[i], self.top_similarity[i], strict=True
-        ):
-            if r < 0:
-                continue
-            entry: dict[str, Any] = {"route": table.names[int(r)], "score": _round(s)}
-            if is_head:
-                entry["similarity"] = _round(sim)
-            top.append(entry)
         explained: dict[str, Any] = {
             "route": table.name_of(route),
             "is_fallback": route < 0,
@@ -319,7 +248,7 @@ class Decisions:
                 "text": table.utterances[utterance],
                 "score": _round(self.nearest_score[i]),
             },
-            "top": top,
+            "top": self._top(i, table),
             "fallback_reason": FALLBACK_REASONS[int(self.reason[i])],
         }
         if is_head:
@@ -329,15 +258,19 @@ class Decisions:
             explained["auto"] = True
         return explained
 
-    def explain_all(self, table: RouteTable) -> list[dict[str, Any]]:
-        return [self.explain(i, table) for i in range(len(self))]
-
-
-def similarities(table: RouteTable, queries: np.ndarray) -> np.ndarray:
-    """The (B x U) cosine matrix between normalised queries and the table's utterances."""
-    q = _queries(table, queries)
-    sims: np.ndarray = q @ table.utterance_embeddings.T
-    return sims
+    def _top(self, i: int, table: RouteTable) -> list[dict[str, Any]]:
+        """Decision ``i``'s top routes (head: with their nearest-utterance cosines)."""
+        top = []
+        for r, s, sim in zip(
+            self.top_routes[i], self.top_scores[i], self.top_similarity[i], strict=True
+        ):
+            if r < 0:
+                continue
+            entry: dict[str, Any] = {"route": table.names[int(r)], "score": _round(s)}
+            if table.method == "head":
+                entry["similarity"] = _round(sim)
+            top.append(entry)
+        return top
 
 
 def _queries(table: RouteTable, queries: np.ndarray) -> np.ndarray:
@@ -347,14 +280,6 @@ def _queries(table: RouteTable, queries: np.ndarray) -> np.ndarray:
     if q.ndim != 2 or q.shape[1] != table.dim:
         raise ValueError(f"queries: expected shape (B, {table.dim}), got {q.shape}")
     return q
-
-
-def route_scores(table: RouteTable, sims: np.ndarray) -> np.ndarray:
-    """The (B x R) route scores of a similarity method; ``-inf`` where a route has no score.
-    (The head needs the queries too: see ``score_matrix``.)"""
-    if table.method not in METHODS:
-        raise ValueError(f"route_scores: {table.method!r} is not a similarity method")
-    return METHODS[table.method](table, sims)
 
 
 @dataclass(frozen=True, eq=False)
@@ -367,33 +292,6 @@ class ScoreMatrix:
     passing: np.ndarray  # (B, R) bool, the route passes every test of the method
 
 
-def log_softmax(z: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax (float32 in, float32 out)."""
-    shifted = z - z.max(axis=1, keepdims=True)
-    out: np.ndarray = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    return out
-
-
-def head_log_proba(
-    weights: np.ndarray,
-    bias: np.ndarray,
-    lexical: LexicalHead | None,
-    queries: np.ndarray,
-    texts: Sequence[str] | None,
-) -> np.ndarray:
-    """The head's (uncalibrated) scores: ``log_softmax(q W + b)``, plus ``lexical.weight``
-    times the lexical view's log-probabilities of ``texts`` when the head has one."""
-    log_p = log_softmax(queries @ weights + bias)
-    if lexical is not None:
-        if texts is None or len(texts) != len(queries):
-            raise ValueError(
-                "this route head has a lexical view: pass the query texts with the embeddings "
-                f"({len(queries)} embeddings, {'no' if texts is None else len(texts)} texts)"
-            )
-        log_p += np.float32(lexical.weight) * log_softmax(lexical.logits(texts))
-    return log_p
-
-
 def head_probabilities(
     head: HeadParams,
     queries: np.ndarray,
@@ -403,25 +301,7 @@ def head_probabilities(
     """``softmax((head_log_proba + blend * nearest) / temperature)``, float32."""
     log_p = head_log_proba(head.weights, head.bias, head.lexical, queries, texts)
     z = (log_p + np.float32(head.blend) * nearest) / np.float32(head.temperature)
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    out: np.ndarray = (e / e.sum(axis=1, keepdims=True)).astype(np.float32, copy=False)
-    return out
-
-
-def _margins(scores: np.ndarray) -> np.ndarray:
-    """Each route's lead over the best other route (negative for all but the top one)."""
-    n_routes = scores.shape[1]
-    if n_routes < 2:
-        return np.full_like(scores, np.inf)
-    order = np.argpartition(-scores, 1, axis=1)[:, :2]
-    first = np.take_along_axis(scores, order[:, :1], axis=1)
-    second = np.take_along_axis(scores, order[:, 1:2], axis=1)
-    top = np.maximum(first, second)
-    runner = np.minimum(first, second)
-    other = np.where(scores >= top, runner, top)
-    out: np.ndarray = scores - other
-    return out
+    return softmax(z).astype(np.float32, copy=False)
 
 
 def score_matrix(
@@ -438,7 +318,7 @@ def score_matrix(
         scores = head_probabilities(head, q, nearest, texts)
         passing = (scores >= head.min_confidence[None, :]) & (nearest >= table.thresholds[None, :])
         if head.min_margin is not None:
-            passing &= _margins(scores) >= np.float32(head.min_margin)
+            passing &= margins(scores) >= np.float32(head.min_margin)
     else:
         scores = nearest if table.method == "max" else METHODS[table.method](table, sims)
         passing = scores >= table.thresholds[None, :]
@@ -460,7 +340,10 @@ def choose(
     return route, best
 
 
-def _reasons(table: RouteTable, m: ScoreMatrix, route: np.ndarray, best: np.ndarray) -> np.ndarray:
+def fallback_reasons(
+    table: RouteTable, m: ScoreMatrix, route: np.ndarray, best: np.ndarray
+) -> np.ndarray:
+    """Each row's ``FALLBACK_REASONS`` code (int8; 0 where the row is not a fallback)."""
     rows = np.arange(len(route))
     reason = np.zeros(len(route), dtype=np.int8)
     fallback = route < 0
@@ -484,6 +367,20 @@ def _reasons(table: RouteTable, m: ScoreMatrix, route: np.ndarray, best: np.ndar
     return reason
 
 
+def _runner_up(scores: np.ndarray, best: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The highest-scoring route other than ``best`` and its score (-1 and NaN: none)."""
+    n_rows, n_routes = scores.shape
+    rows = np.arange(n_rows)
+    others = scores.copy()
+    others[rows, best] = -np.inf
+    runner_up = others.argmax(axis=1).astype(np.intp) if n_routes > 1 else np.full(n_rows, -1)
+    runner_up_score = others[rows, runner_up] if n_routes > 1 else np.full(n_rows, -np.inf)
+    has_runner_up = np.isfinite(runner_up_score)
+    runner_up = np.where(has_runner_up, runner_up, -1).astype(np.intp)
+    runner_up_score = np.where(has_runner_up, runner_up_score, np.nan).astype(np.float32)
+    return runner_up, runner_up_score
+
+
 def decide(table: RouteTable, queries: np.ndarray, texts: Sequence[str] | None = None) -> Decisions:
     """Route a batch of L2-normalised query embeddings ``(B, D)``; ``texts`` (the queries'
     texts, in the same order) are needed when the table's head has a lexical view."""
@@ -494,13 +391,7 @@ def decide(table: RouteTable, queries: np.ndarray, texts: Sequence[str] | None =
     route, best = choose(scores, table.thresholds, m.passing)
     score = scores[rows, best]
 
-    others = scores.copy()
-    others[rows, best] = -np.inf
-    runner_up = others.argmax(axis=1).astype(np.intp) if n_routes > 1 else np.full(n_rows, -1)
-    runner_up_score = others[rows, runner_up] if n_routes > 1 else np.full(n_rows, -np.inf)
-    has_runner_up = np.isfinite(runner_up_score)
-    runner_up = np.where(has_runner_up, runner_up, -1).astype(np.intp)
-    runner_up_score = np.where(has_runner_up, runner_up_score, np.nan).astype(np.float32)
+    runner_up, runner_up_score = _runner_up(scores, best)
 
     own = np.where(table.utterance_route[None, :] == best[:, None], sims, -np.inf)
     nearest = own.argmax(axis=1).astype(np.intp)
@@ -530,7 +421,7 @@ def decide(table: RouteTable, queries: np.ndarray, texts: Sequence[str] | None =
         nearest_score=sims[rows, nearest].astype(np.float32),
         top_routes=top_routes,
         top_scores=top_scores,
-        reason=_reasons(table, m, route, best),
+        reason=fallback_reasons(table, m, route, best),
         top_similarity=np.take_along_axis(m.nearest, order, axis=1).astype(np.float32),
         floor=floor.astype(np.float32),
     )

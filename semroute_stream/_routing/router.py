@@ -1,5 +1,6 @@
 """A router: routes plus an encoder. Encodes the utterances once, then routes batches.
 
+``compile_table`` turns a routes file and its utterances' embeddings into a ``RouteTable``.
 For ``method: head`` and ``method: auto`` the route head is trained (or loaded from its cache)
 when the router is built; ``auto`` is resolved there, once, deterministically: see
 ``resolve_routes``.
@@ -14,29 +15,76 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .decision import Decisions, HeadParams, RouteTable, decide, utterances_of
-from .heads import (
-    AUTO_MIN_HELD_OUT,
-    HeadModel,
-    MethodChoice,
-    choose_method,
-    default_head_cache_dir,
-    fold_of,
-    head_cache_key,
-    load_or_train_head,
-    name_text,
-)
-from .schema import RoutesConfig, routes_version
+from .decision import Decisions, HeadParams, RouteTable, decide
+from .head_cache import HeadModel, default_head_cache_dir, head_cache_key, load_or_train_head
+from .schema import DecisionMethod, RoutesConfig, RoutesMethod, routes_version
+from .selection import AUTO_MIN_HELD_OUT, MethodChoice, choose_method, fold_of
+from .training import name_text
 
 __all__ = [
+    "AUTO_MAX_CELLS",
     "Resolution",
     "Router",
     "TextEncoder",
+    "auto_without_head",
+    "compile_table",
     "head_texts",
     "needs_head",
     "resolve_routes",
     "train_route_head",
+    "utterance_routes",
+    "utterances_of",
 ]
+
+
+# --- compiling a routes file ---------------------------------------------------------------
+
+
+def utterances_of(routes: RoutesConfig) -> list[str]:
+    """Every utterance, route by route in file order: the rows of a table's embeddings."""
+    return [text for route in routes.routes for text in route.utterances]
+
+
+def utterance_routes(routes: RoutesConfig) -> np.ndarray:
+    """Each utterance's route index, in the order of ``utterances_of`` (intp)."""
+    return np.array(
+        [i for i, route in enumerate(routes.routes) for _ in route.utterances], dtype=np.intp
+    )
+
+
+def compile_table(
+    routes: RoutesConfig,
+    utterance_embeddings: np.ndarray,
+    *,
+    method: DecisionMethod | None = None,
+    head: HeadParams | None = None,
+    default_threshold: float | None = None,
+    auto: bool = False,
+) -> RouteTable:
+    """Compile ``routes``; ``utterance_embeddings`` are its utterances' embeddings, route by
+    route in file order (as ``utterances_of(routes)`` lists them).
+
+    ``method`` overrides the file's; ``auto`` without one compiles as ``max`` (``Router``
+    resolves ``auto`` properly, with the head); ``default_threshold`` is used for routes
+    without a threshold when the file sets no ``default_threshold``."""
+    if method is None:
+        auto = auto or routes.method == "auto"
+        method = "max" if routes.method == "auto" else routes.method
+    return RouteTable(
+        names=routes.names,
+        fallback=routes.fallback.name,
+        method=method,
+        top_k=routes.top_k,
+        thresholds=np.asarray(routes.thresholds(default_threshold), dtype=np.float32),
+        utterances=tuple(utterances_of(routes)),
+        utterance_route=utterance_routes(routes),
+        utterance_embeddings=utterance_embeddings,
+        head=head,
+        auto=auto,
+    )
+
+
+# --- resolving the method ------------------------------------------------------------------
 
 
 class TextEncoder(Protocol):
@@ -58,26 +106,25 @@ class Resolution:
     """How a routes file became a route table: the method used and where it came from."""
 
     table: RouteTable
-    requested: str  # the method the routes asked for (auto, max, top5_mean, head)
+    requested: RoutesMethod  # the method the routes asked for
     choice: MethodChoice | None  # the cross-validation's choice and derived defaults
     head: HeadModel | None  # the trained head (auto and head)
     name_embeddings: np.ndarray | None
     note: str = ""  # why auto did not try the head
 
     @property
-    def method(self) -> str:
+    def method(self) -> DecisionMethod:
         return self.table.method
 
     def record(self, routes: RoutesConfig) -> RoutesConfig:
         """``routes`` with this resolution written out: the concrete method and, where the
         file left them null, the settings derived from the cross-validation -- loading the
         result gives the same table without cross-validating again."""
-        out = routes.model_copy(deep=True)
         table = self.table
-        out.method = table.method
+        update: dict[str, Any] = {"method": table.method}
         if table.method == "head" and table.head is not None and self.choice is not None:
-            settings = out.head
-            out.head = settings.model_copy(
+            settings = routes.head
+            update["head"] = settings.model_copy(
                 update={
                     "blend": table.head.blend if settings.blend is None else settings.blend,
                     "temperature": (
@@ -90,13 +137,14 @@ class Resolution:
                         if settings.min_confidence is None
                         else settings.min_confidence
                     ),
-                }
+                },
+                deep=True,
             )
-            if out.default_threshold is None:
-                out.default_threshold = self.choice.min_similarity
-        elif self.choice is not None and out.default_threshold is None:
-            out.default_threshold = self.choice.similarity_threshold
-        return out
+            if routes.default_threshold is None:
+                update["default_threshold"] = self.choice.min_similarity
+        elif self.choice is not None and routes.default_threshold is None:
+            update["default_threshold"] = self.choice.similarity_threshold
+        return routes.model_copy(update=update, deep=True)
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready account of the method choice and the head's training/cache."""
@@ -123,10 +171,7 @@ class Resolution:
 
 
 def _held_out_count(routes: RoutesConfig) -> int:
-    route_of = np.array(
-        [i for i, route in enumerate(routes.routes) for _ in route.utterances], dtype=np.intp
-    )
-    return int(np.sum(fold_of(route_of) >= 0))
+    return int(np.sum(fold_of(utterance_routes(routes)) >= 0))
 
 
 AUTO_MAX_CELLS = 4_000_000
@@ -189,7 +234,7 @@ def resolve_routes(
     if not needs_head(routes):
         method = "max" if requested == "auto" else requested
         note = (auto_without_head(routes) or "") if requested == "auto" else ""
-        table = RouteTable.build(routes, u, method=method, auto=requested == "auto")
+        table = compile_table(routes, u, method=method, auto=requested == "auto")
         return Resolution(table, requested, None, None, name_embeddings, note)
 
     settings = routes.head
@@ -204,16 +249,28 @@ def resolve_routes(
     )
     choice: MethodChoice | None = None
     if model.cv is not None:
-        allowed = ("max", "top5_mean", "head") if requested == "auto" else ("head",)
+        allowed: tuple[DecisionMethod, ...] = (
+            ("max", "top5_mean", "head") if requested == "auto" else ("head",)
+        )
         choice = choose_method(model.cv, allowed=allowed, blend=settings.blend)
     method = choice.method if choice is not None else "head"
     auto = requested == "auto"
     if method != "head":
         assert choice is not None
-        table = RouteTable.build(
+        table = compile_table(
             routes, u, method=method, default_threshold=choice.similarity_threshold, auto=auto
         )
         return Resolution(table, requested, choice, model, name_embeddings)
+    floor = choice.min_similarity if choice is not None else None
+    head = _head_params(routes, model, choice)
+    table = compile_table(routes, u, method="head", head=head, default_threshold=floor, auto=auto)
+    return Resolution(table, requested, choice, model, name_embeddings)
+
+
+def _head_params(routes: RoutesConfig, model: HeadModel, choice: MethodChoice | None) -> HeadParams:
+    """The trained head with the file's settings, or where it leaves them null, the
+    cross-validation's."""
+    settings = routes.head
 
     def pick(value: float | None, derived: float | None) -> float:
         return float(value if value is not None else (derived if derived is not None else 0.0))
@@ -225,7 +282,7 @@ def resolve_routes(
         [confidence if r.min_confidence is None else r.min_confidence for r in routes.routes],
         dtype=np.float32,
     )
-    head = HeadParams(
+    return HeadParams(
         weights=model.weights,
         bias=model.bias,
         blend=blend,
@@ -234,11 +291,6 @@ def resolve_routes(
         min_margin=settings.min_margin,
         lexical=model.lexical,
     )
-    floor = choice.min_similarity if choice is not None else None
-    table = RouteTable.build(
-        routes, u, method="head", head=head, default_threshold=floor, auto=auto
-    )
-    return Resolution(table, requested, choice, model, name_embeddings)
 
 
 def train_route_head(
@@ -253,9 +305,7 @@ def train_route_head(
     """The head of ``routes`` (trained on its utterances, plus the names when
     ``head.use_names``), with its cross-validation when ``with_cv``; cached in ``cache_dir``."""
     u = np.asarray(utterance_embeddings, dtype=np.float32)
-    route_of = np.array(
-        [i for i, route in enumerate(routes.routes) for _ in route.utterances], dtype=np.intp
-    )
+    route_of = utterance_routes(routes)
     names = name_embeddings if routes.head.use_names else None
     lexical = routes.head.lexical
     key = head_cache_key(

@@ -49,10 +49,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -66,23 +64,40 @@ from pydantic import (
 )
 
 from .._errors import ConfigError
-from .decision import DECISION_METHODS
+from .._files import atomic_write_bytes
 
 __all__ = [
+    "DECISION_METHODS",
     "DEFAULT_SIMILARITY_THRESHOLD",
     "ROUTES_METHODS",
+    "SIMILARITY_METHODS",
+    "DecisionMethod",
     "Fallback",
     "HeadConfig",
     "Route",
     "RoutesConfig",
+    "RoutesMethod",
+    "SimilarityMethod",
+    "dump_routes",
     "load_routes",
+    "parse_routes",
     "routes_version",
     "save_routes",
 ]
 
 
-ROUTES_METHODS: tuple[str, ...] = ("auto", *DECISION_METHODS)
-"""What a routes file's ``method`` may say."""
+# --- the method vocabulary -----------------------------------------------------------------
+
+SimilarityMethod = Literal["max", "top5_mean"]
+"""Methods that score a route from its utterances' cosines alone (a threshold per route)."""
+DecisionMethod = Literal[SimilarityMethod, "head"]
+"""Every method a route table can decide with."""
+RoutesMethod = Literal["auto", DecisionMethod]
+"""What a routes file's ``method`` may say (``auto`` resolves to a decision method)."""
+
+SIMILARITY_METHODS: tuple[SimilarityMethod, ...] = get_args(SimilarityMethod)
+DECISION_METHODS: tuple[DecisionMethod, ...] = get_args(DecisionMethod)
+ROUTES_METHODS: tuple[RoutesMethod, ...] = get_args(RoutesMethod)
 DEFAULT_SIMILARITY_THRESHOLD = 0.5
 """The default threshold of ``max``/``top5_mean`` when the file sets none."""
 
@@ -183,7 +198,7 @@ class RoutesConfig(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     default_threshold: float | None = Field(default=None, ge=-1.0, le=1.0, allow_inf_nan=False)
-    method: str = "auto"
+    method: RoutesMethod = "auto"
     top_k: int = Field(default=3, ge=1)
     head: HeadConfig = Field(default_factory=HeadConfig)
     fallback: Fallback = Field(default_factory=Fallback)
@@ -196,10 +211,10 @@ class RoutesConfig(BaseModel):
             _reject_misspelt(data, set(cls.model_fields))
         return data
 
-    @field_validator("method")
+    @field_validator("method", mode="before")
     @classmethod
-    def _known_method(cls, value: str) -> str:
-        if value not in ROUTES_METHODS:
+    def _known_method(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in ROUTES_METHODS:
             raise ValueError(f"unknown method {value!r} (known: {', '.join(ROUTES_METHODS)})")
         return value
 
@@ -351,15 +366,7 @@ def save_routes(cfg: RoutesConfig, path: str | Path) -> None:
         text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     else:
         text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def routes_version(cfg: RoutesConfig) -> str:

@@ -1,0 +1,265 @@
+"""The offline commands: ``embed``, ``eval``, ``fit`` and ``route`` (a JSONL file).
+
+They parse, call ``_offline`` and print (``report``); ``make_encoder`` builds the encoder the
+common options ask for (tests replace it with a fake).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+import orjson
+from pydantic import ValidationError
+from tqdm import tqdm
+
+from .._errors import ConfigError, InputError
+from .._input import parse_input
+from .._offline.compare import compare_methods
+from .._offline.evaluate import evaluate, suspect_utterances
+from .._offline.fit import fit_labelled
+from .._offline.labelled import load_labelled
+from .._offline.route_file import default_rejects_path, route_file
+from .._routing.router import Router, TextEncoder
+from .._routing.schema import RoutesConfig, load_routes
+from .report import (
+    chosen_label,
+    describe_resolution,
+    print_comparison,
+    print_fit,
+    print_json_last,
+    print_report,
+)
+
+__all__ = ["ENCODE_BATCH", "cmd_embed", "cmd_eval", "cmd_fit", "cmd_route", "make_encoder"]
+
+ENCODE_BATCH = 256
+
+
+# --- shared pieces -------------------------------------------------------------------------
+
+
+def make_encoder(args: argparse.Namespace) -> TextEncoder:
+    """The encoder the common options ask for (tests replace this function with a fake)."""
+    from .._encoder import Encoder, EncoderConfig
+
+    options = {
+        "model": args.model,
+        "max_length": args.max_length,
+        "intra_op_threads": args.threads,
+    }
+    try:
+        config = EncoderConfig(**{k: v for k, v in options.items() if v is not None})
+    except ValidationError as err:
+        raise ConfigError(f"encoder options: {err}") from None
+    return Encoder(config)
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+def _encode_all(encoder: TextEncoder, texts: Sequence[str], desc: str) -> np.ndarray:
+    """All texts' embeddings, encoded in batches (with a progress bar on a terminal)."""
+    if not texts:
+        return np.zeros((0, encoder.dim), dtype=np.float32)
+    parts = []
+    with tqdm(total=len(texts), desc=desc, disable=not _progress(), leave=False) as bar:
+        for start in range(0, len(texts), ENCODE_BATCH):
+            chunk = texts[start : start + ENCODE_BATCH]
+            parts.append(encoder.encode(chunk))
+            bar.update(len(chunk))
+    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def _load_routes(args: argparse.Namespace) -> RoutesConfig:
+    routes = load_routes(args.routes)
+    method = getattr(args, "method", None)
+    if method is not None and method != routes.method:
+        routes = routes.model_copy(update={"method": method})
+    return routes
+
+
+# --- embed ---------------------------------------------------------------------------------
+
+
+def _texts_from_stdin() -> Iterator[str]:
+    for number, raw in enumerate(sys.stdin.buffer, start=1):
+        line = raw.rstrip(b"\r\n") if raw.endswith(b"\n") else raw
+        try:
+            yield line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise InputError(
+                "invalid_utf8", f"stdin:{number}: not valid UTF-8 at byte {err.start}"
+            ) from None
+
+
+def _texts_from_jsonl(path: str, text_field: str) -> Iterator[str]:
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            line = raw.rstrip(b"\r\n") if raw.endswith(b"\n") else raw
+            try:
+                query = parse_input(
+                    line,
+                    format="json",
+                    text_field=text_field,
+                    id_field="id",
+                    max_bytes=1 << 30,
+                    max_chars=1 << 30,
+                )
+            except InputError as err:
+                raise InputError(err.kind, f"{path}:{number}: {err.reason}") from None
+            yield query.text
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    texts = _texts_from_jsonl(args.input, args.text_field) if args.input else _texts_from_stdin()
+    encoder = make_encoder(args)
+    out: TextIO = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+    try:
+        batch: list[str] = []
+        for text in _with_end(texts):
+            if text is not None:
+                batch.append(text)
+            if batch and (text is None or len(batch) >= args.batch_size):
+                vectors = encoder.encode(batch)
+                for t, v in zip(batch, np.ascontiguousarray(vectors, np.float32), strict=True):
+                    line = {"text": t, "embedding": v}
+                    out.write(orjson.dumps(line, option=orjson.OPT_SERIALIZE_NUMPY).decode() + "\n")
+                batch = []
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+def _with_end(texts: Iterator[str]) -> Iterator[str | None]:
+    yield from texts
+    yield None
+
+
+# --- eval ----------------------------------------------------------------------------------
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    routes = _load_routes(args)
+    data = load_labelled(args.data, routes.names)
+    encoder = make_encoder(args)
+    t0 = time.perf_counter()
+    router = Router(routes, encoder)
+    load_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    embeddings = _encode_all(encoder, data.texts, "encoding")
+    encode_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    figures = evaluate(router.table, embeddings, data.labels, data.texts)
+    decide_seconds = time.perf_counter() - t0
+    head = router.resolution.head
+    if head is not None and head.cv is not None:
+        table = router.table
+        blend = table.head.blend if table.head is not None else 0.0
+        figures["suspect_utterances"] = suspect_utterances(table, head.cv, table.method, blend)
+    comparison = (
+        compare_methods(router.table, router.resolution.head, embeddings, data.labels, data.texts)
+        if routes.method == "auto"
+        else None
+    )
+    seconds = time.perf_counter() - started
+    print(f"routes: {args.routes} ({len(routes.routes)} routes, version {router.version})")
+    print(f"data: {args.data}")
+    print(describe_resolution(router))
+    print_report(figures)
+    if comparison:
+        print_comparison(comparison, chosen_label(router))
+    print(
+        f"seconds: {seconds:.2f} total, {load_seconds:.2f} loading the routes (utterances "
+        f"and head), {encode_seconds:.2f} encoding {len(data)} texts, "
+        f"{decide_seconds:.3f} deciding and reporting"
+    )
+    if args.json:
+        print_json_last(
+            {
+                **figures,
+                "method_requested": routes.method,
+                "resolution": router.resolution.summary(),
+                "methods": comparison,
+                "routes": str(args.routes),
+                "data": str(args.data),
+                "routes_version": router.version,
+                "model": encoder.model_name,
+                "seconds": round(seconds, 3),
+                "load_seconds": round(load_seconds, 3),
+                "encode_seconds": round(encode_seconds, 3),
+                "decide_seconds": round(decide_seconds, 4),
+            }
+        )
+    return 0
+
+
+# --- fit -----------------------------------------------------------------------------------
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    routes = load_routes(args.routes)
+    data = load_labelled(args.data, routes.names)
+    encoder = make_encoder(args)
+    router = Router(routes, encoder)
+    embeddings = _encode_all(encoder, data.texts, "encoding")
+    fitted = fit_labelled(
+        router,
+        data,
+        embeddings,
+        out=args.out,
+        method=args.method,
+        min_support=args.min_support,
+        add_utterances=args.add_utterances,
+    )
+    print_fit(fitted, routes_path=str(args.routes), min_support=args.min_support, json=args.json)
+    return 0
+
+
+# --- route (offline file mode) -------------------------------------------------------------
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    routes = _load_routes(args)
+    if not os.path.isfile(args.input):
+        raise ConfigError(f"no such input file: {args.input}")
+    router = Router(routes, make_encoder(args))
+    rejects = Path(args.rejects) if args.rejects else default_rejects_path(args.output)
+
+    def on_reject(line: int, err: InputError) -> None:
+        print(f"{args.input}:{line}: rejected: {err.kind}: {err.reason}", file=sys.stderr)
+
+    summary = route_file(
+        router,
+        args.input,
+        args.output,
+        rejects,
+        batch_size=args.batch_size,
+        text_field=args.text_field,
+        id_field=args.id_field,
+        max_text_chars=args.max_text_chars,
+        progress=_progress(),
+        on_reject=on_reject,
+    )
+    rate = summary.routed / summary.seconds if summary.seconds > 0 else 0.0
+    print(
+        f"routed {summary.routed} of {summary.lines} lines in {summary.seconds:.2f} s "
+        f"({rate:.0f}/s) -> {args.output}"
+    )
+    for name, count in summary.per_route.most_common():
+        print(f"  {name:<30}{count:>7}")
+    if summary.rejected:
+        kinds = ", ".join(f"{k}: {n}" for k, n in summary.rejects_by_kind.most_common())
+        print(f"rejected {summary.rejected} lines ({kinds}) -> {rejects}")
+    else:
+        print(f"no rejected lines ({rejects} is empty)")
+    return 0
