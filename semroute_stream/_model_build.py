@@ -33,6 +33,7 @@ import hashlib
 import importlib.util
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -186,32 +187,50 @@ def _layer_norm(g: _GraphBuilder, x: str, w: dict[str, np.ndarray], prefix: str,
     return g.node("LayerNormalization", [x, gamma, beta], name, axis=-1, epsilon=LN_EPS)
 
 
-def _make_model(weights: dict[str, np.ndarray]) -> Any:
-    """The ONNX ModelProto of the BERT encoder (returned as Any: onnx is untyped for mypy)."""
-    from onnx import TensorProto, helper
+@dataclass(frozen=True)
+class _Constants:
+    """The graph's shared constant inputs (names of initializers)."""
 
-    g = _GraphBuilder()
+    one_i: str
+    two_i: str
+    zero_i: str
+    heads_shape: str
+    hidden_shape: str
+    scale: str
+    one_f: str
+    half_f: str
+    sqrt2: str
+    mask_neg: str
 
-    # Shared constants.
-    c_one_i = g.const("const.axis1", [1], np.int64)
-    c_two_i = g.const("const.axis2", [2], np.int64)
-    c_zero_i = g.const("const.zero", [0], np.int64)
-    c_heads_shape = g.const("const.shape_heads", [0, 0, HEADS, HEAD_DIM], np.int64)
-    c_hidden_shape = g.const("const.shape_hidden", [0, 0, HIDDEN], np.int64)
-    c_scale = g.const("const.sqrt_head_dim", np.sqrt(np.float32(HEAD_DIM)), np.float32)
-    c_one_f = g.const("const.one", 1.0, np.float32)
-    c_half_f = g.const("const.half", 0.5, np.float32)
-    c_sqrt2 = g.const("const.sqrt2", np.sqrt(np.float32(2.0)), np.float32)
-    c_mask_neg = g.const("const.mask_neg", MASK_NEG, np.float32)
 
-    # Additive attention mask [B, 1, 1, S]: 0 for real tokens, -10000 for padding.
-    m = g.node("Unsqueeze", ["attention_mask", c_one_i], "mask.unsqueeze1")
-    m = g.node("Unsqueeze", [m, c_two_i], "mask.unsqueeze2")
+def _constants(g: _GraphBuilder) -> _Constants:
+    return _Constants(
+        one_i=g.const("const.axis1", [1], np.int64),
+        two_i=g.const("const.axis2", [2], np.int64),
+        zero_i=g.const("const.zero", [0], np.int64),
+        heads_shape=g.const("const.shape_heads", [0, 0, HEADS, HEAD_DIM], np.int64),
+        hidden_shape=g.const("const.shape_hidden", [0, 0, HIDDEN], np.int64),
+        scale=g.const("const.sqrt_head_dim", np.sqrt(np.float32(HEAD_DIM)), np.float32),
+        one_f=g.const("const.one", 1.0, np.float32),
+        half_f=g.const("const.half", 0.5, np.float32),
+        sqrt2=g.const("const.sqrt2", np.sqrt(np.float32(2.0)), np.float32),
+        mask_neg=g.const("const.mask_neg", MASK_NEG, np.float32),
+    )
+
+
+def _attention_mask(g: _GraphBuilder, c: _Constants) -> str:
+    """Additive attention mask [B, 1, 1, S]: 0 for real tokens, -10000 for padding."""
+    from onnx import TensorProto
+
+    m = g.node("Unsqueeze", ["attention_mask", c.one_i], "mask.unsqueeze1")
+    m = g.node("Unsqueeze", [m, c.two_i], "mask.unsqueeze2")
     m = g.node("Cast", [m], "mask.cast", to=TensorProto.FLOAT)
-    m = g.node("Sub", [c_one_f, m], "mask.invert")
-    mask = g.node("Mul", [m, c_mask_neg], "mask.scale")
+    m = g.node("Sub", [c.one_f, m], "mask.invert")
+    return g.node("Mul", [m, c.mask_neg], "mask.scale")
 
-    # Embeddings: word + token_type[0] + position[0:S], then LayerNorm.
+
+def _embeddings(g: _GraphBuilder, weights: dict[str, np.ndarray], c: _Constants) -> str:
+    """Embeddings: word + token_type[0] + position[0:S], then LayerNorm."""
     word = g.const(
         "embeddings.word",
         _weights(weights, "embeddings.word_embeddings.weight", (VOCAB, HIDDEN)),
@@ -225,57 +244,80 @@ def _make_model(weights: dict[str, np.ndarray]) -> Any:
         np.float32,
     )
     ids_shape = g.node("Shape", ["input_ids"], "embeddings.ids_shape")
-    seq_len = g.node("Gather", [ids_shape, c_one_i], "embeddings.seq_len", axis=0)
-    pos_slice = g.node("Slice", [pos, c_zero_i, seq_len, c_zero_i], "embeddings.position_slice")
+    seq_len = g.node("Gather", [ids_shape, c.one_i], "embeddings.seq_len", axis=0)
+    pos_slice = g.node("Slice", [pos, c.zero_i, seq_len, c.zero_i], "embeddings.position_slice")
     x = g.node("Gather", [word, "input_ids"], "embeddings.word_gather", axis=0)
     x = g.node("Add", [x, tt0], "embeddings.add_token_type")
     x = g.node("Add", [x, pos_slice], "embeddings.add_position")
-    hidden = _layer_norm(g, x, weights, "embeddings.LayerNorm", "embeddings.layernorm")
+    return _layer_norm(g, x, weights, "embeddings.LayerNorm", "embeddings.layernorm")
 
+
+def _encoder_layer(
+    g: _GraphBuilder,
+    weights: dict[str, np.ndarray],
+    c: _Constants,
+    mask: str,
+    hidden: str,
+    i: int,
+) -> str:
+    """BERT layer ``i``: self-attention and the feed-forward block, each with a residual
+    and LayerNorm."""
+    p = f"encoder.layer.{i}"
+    n = f"layer{i}"
+    q = _linear(g, hidden, weights, f"{p}.attention.self.query", f"{n}.q", (HIDDEN, HIDDEN))
+    k = _linear(g, hidden, weights, f"{p}.attention.self.key", f"{n}.k", (HIDDEN, HIDDEN))
+    v = _linear(g, hidden, weights, f"{p}.attention.self.value", f"{n}.v", (HIDDEN, HIDDEN))
+    q = g.node("Reshape", [q, c.heads_shape], f"{n}.q.reshape")
+    q = g.node("Transpose", [q], f"{n}.q.transpose", perm=[0, 2, 1, 3])
+    k = g.node("Reshape", [k, c.heads_shape], f"{n}.k.reshape")
+    k = g.node("Transpose", [k], f"{n}.k.transpose", perm=[0, 2, 3, 1])
+    v = g.node("Reshape", [v, c.heads_shape], f"{n}.v.reshape")
+    v = g.node("Transpose", [v], f"{n}.v.transpose", perm=[0, 2, 1, 3])
+    scores = g.node("MatMul", [q, k], f"{n}.qk.matmul")
+    scores = g.node("Div", [scores, c.scale], f"{n}.qk.scale")
+    scores = g.node("Add", [scores, mask], f"{n}.qk.mask")
+    probs = g.node("Softmax", [scores], f"{n}.softmax", axis=3)
+    ctx = g.node("MatMul", [probs, v], f"{n}.context.matmul")
+    ctx = g.node("Transpose", [ctx], f"{n}.context.transpose", perm=[0, 2, 1, 3])
+    ctx = g.node("Reshape", [ctx, c.hidden_shape], f"{n}.context.reshape")
+    attn = _linear(
+        g, ctx, weights, f"{p}.attention.output.dense", f"{n}.attn_out", (HIDDEN, HIDDEN)
+    )
+    attn = g.node("Add", [attn, hidden], f"{n}.attn_out.residual")
+    hidden = _layer_norm(
+        g, attn, weights, f"{p}.attention.output.LayerNorm", f"{n}.attn_out.layernorm"
+    )
+
+    inter = _linear(
+        g,
+        hidden,
+        weights,
+        f"{p}.intermediate.dense",
+        f"{n}.intermediate",
+        (INTERMEDIATE, HIDDEN),
+    )
+    # Exact (erf) GELU: x * 0.5 * (1 + erf(x / sqrt(2))), the pattern ORT fuses into Gelu.
+    gelu = g.node("Div", [inter, c.sqrt2], f"{n}.gelu.div")
+    gelu = g.node("Erf", [gelu], f"{n}.gelu.erf")
+    gelu = g.node("Add", [gelu, c.one_f], f"{n}.gelu.add")
+    gelu = g.node("Mul", [inter, gelu], f"{n}.gelu.mul")
+    gelu = g.node("Mul", [gelu, c.half_f], f"{n}.gelu.half")
+    out = _linear(g, gelu, weights, f"{p}.output.dense", f"{n}.output", (HIDDEN, INTERMEDIATE))
+    out = g.node("Add", [out, hidden], f"{n}.output.residual")
+    return _layer_norm(g, out, weights, f"{p}.output.LayerNorm", f"{n}.output.layernorm")
+
+
+def _make_model(weights: dict[str, np.ndarray]) -> Any:
+    """The ONNX ModelProto of the BERT encoder (returned as Any: onnx is untyped for mypy)."""
+    from onnx import TensorProto, helper
+
+    g = _GraphBuilder()
+
+    c = _constants(g)
+    mask = _attention_mask(g, c)
+    hidden = _embeddings(g, weights, c)
     for i in range(LAYERS):
-        p = f"encoder.layer.{i}"
-        n = f"layer{i}"
-        q = _linear(g, hidden, weights, f"{p}.attention.self.query", f"{n}.q", (HIDDEN, HIDDEN))
-        k = _linear(g, hidden, weights, f"{p}.attention.self.key", f"{n}.k", (HIDDEN, HIDDEN))
-        v = _linear(g, hidden, weights, f"{p}.attention.self.value", f"{n}.v", (HIDDEN, HIDDEN))
-        q = g.node("Reshape", [q, c_heads_shape], f"{n}.q.reshape")
-        q = g.node("Transpose", [q], f"{n}.q.transpose", perm=[0, 2, 1, 3])
-        k = g.node("Reshape", [k, c_heads_shape], f"{n}.k.reshape")
-        k = g.node("Transpose", [k], f"{n}.k.transpose", perm=[0, 2, 3, 1])
-        v = g.node("Reshape", [v, c_heads_shape], f"{n}.v.reshape")
-        v = g.node("Transpose", [v], f"{n}.v.transpose", perm=[0, 2, 1, 3])
-        scores = g.node("MatMul", [q, k], f"{n}.qk.matmul")
-        scores = g.node("Div", [scores, c_scale], f"{n}.qk.scale")
-        scores = g.node("Add", [scores, mask], f"{n}.qk.mask")
-        probs = g.node("Softmax", [scores], f"{n}.softmax", axis=3)
-        ctx = g.node("MatMul", [probs, v], f"{n}.context.matmul")
-        ctx = g.node("Transpose", [ctx], f"{n}.context.transpose", perm=[0, 2, 1, 3])
-        ctx = g.node("Reshape", [ctx, c_hidden_shape], f"{n}.context.reshape")
-        attn = _linear(
-            g, ctx, weights, f"{p}.attention.output.dense", f"{n}.attn_out", (HIDDEN, HIDDEN)
-        )
-        attn = g.node("Add", [attn, hidden], f"{n}.attn_out.residual")
-        hidden = _layer_norm(
-            g, attn, weights, f"{p}.attention.output.LayerNorm", f"{n}.attn_out.layernorm"
-        )
-
-        inter = _linear(
-            g,
-            hidden,
-            weights,
-            f"{p}.intermediate.dense",
-            f"{n}.intermediate",
-            (INTERMEDIATE, HIDDEN),
-        )
-        # Exact (erf) GELU: x * 0.5 * (1 + erf(x / sqrt(2))), the pattern ORT fuses into Gelu.
-        gelu = g.node("Div", [inter, c_sqrt2], f"{n}.gelu.div")
-        gelu = g.node("Erf", [gelu], f"{n}.gelu.erf")
-        gelu = g.node("Add", [gelu, c_one_f], f"{n}.gelu.add")
-        gelu = g.node("Mul", [inter, gelu], f"{n}.gelu.mul")
-        gelu = g.node("Mul", [gelu, c_half_f], f"{n}.gelu.half")
-        out = _linear(g, gelu, weights, f"{p}.output.dense", f"{n}.output", (HIDDEN, INTERMEDIATE))
-        out = g.node("Add", [out, hidden], f"{n}.output.residual")
-        hidden = _layer_norm(g, out, weights, f"{p}.output.LayerNorm", f"{n}.output.layernorm")
+        hidden = _encoder_layer(g, weights, c, mask, hidden, i)
 
     final = g.nodes[-1]
     final.output[0] = "last_hidden_state"

@@ -12,13 +12,16 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .._errors import ConfigError, InputError, SemrouteError
 from .._routing.schema import ROUTES_METHODS
 from .offline import ENCODE_BATCH, cmd_embed, cmd_eval, cmd_fit, cmd_route
 from .serve import cmd_check, cmd_replay, cmd_run
 
-__all__ = ["build_parser", "main"]
+__all__ = ["LOG_LEVELS", "build_parser", "main"]
+
+LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -40,6 +43,7 @@ def _positive(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of every subcommand; each sets ``func``, the ``cmd_*`` that runs it."""
     parser = argparse.ArgumentParser(
         prog="semroute-stream",
         description="Route text queries by meaning (MiniLM embeddings + example utterances).",
@@ -47,7 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _common_options()
     methods = list(ROUTES_METHODS)
+    _add_run(sub)
+    _add_replay(sub)
+    _add_check(sub)
+    _add_embed(sub, common)
+    _add_eval(sub, common, methods)
+    _add_fit(sub, common, methods)
+    _add_route(sub, common, methods)
+    return parser
 
+
+def _add_run(sub: Any) -> None:
     p = sub.add_parser(
         "run",
         help="run the Kafka service (consume, route, call LLMs, publish)",
@@ -65,10 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="stop (after draining) when nothing new has arrived for this long",
     )
-    log_levels = ["debug", "info", "warning", "error"]
-    p.add_argument("--log-level", choices=log_levels, help="default: the config's logging.level")
+    p.add_argument("--log-level", choices=LOG_LEVELS, help="default: the config's logging.level")
     p.set_defaults(func=cmd_run)
 
+
+def _add_replay(sub: Any) -> None:
     p = sub.add_parser(
         "replay",
         help="reprocess a range of the input topic (to the outputs or a JSONL file), then stop",
@@ -85,9 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--partitions", help="e.g. 0,1 or 0-3 (default: all)")
     p.add_argument("--output", help="write the records to this JSONL file instead of the topics")
-    p.add_argument("--log-level", choices=log_levels, help="default: the config's logging.level")
+    p.add_argument("--log-level", choices=LOG_LEVELS, help="default: the config's logging.level")
     p.set_defaults(func=cmd_replay)
 
+
+def _add_check(sub: Any) -> None:
     p = sub.add_parser(
         "check",
         help="validate the config and routes, reach the broker and the LLM endpoints",
@@ -96,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="service config (YAML)")
     p.set_defaults(func=cmd_check)
 
+
+def _add_embed(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "embed",
         parents=[common],
@@ -109,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=ENCODE_BATCH)
     p.set_defaults(func=cmd_embed)
 
+
+def _add_eval(sub: Any, common: argparse.ArgumentParser, methods: Sequence[str]) -> None:
     p = sub.add_parser(
         "eval",
         parents=[common],
@@ -121,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="end with one JSON line of figures")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_fit(sub: Any, common: argparse.ArgumentParser, methods: Sequence[str]) -> None:
     p = sub.add_parser(
         "fit",
         parents=[common],
@@ -152,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="end with one JSON line of figures")
     p.set_defaults(func=cmd_fit)
 
+
+def _add_route(sub: Any, common: argparse.ArgumentParser, methods: Sequence[str]) -> None:
     p = sub.add_parser(
         "route",
         parents=[common],
@@ -169,7 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-text-chars", type=_positive, default=8_000)
     p.add_argument("--method", choices=methods, help="override the routes file's method")
     p.set_defaults(func=cmd_route)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

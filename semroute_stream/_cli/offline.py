@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import numpy as np
 import orjson
@@ -24,7 +24,7 @@ from .._input import parse_input
 from .._offline.compare import compare_methods
 from .._offline.evaluate import evaluate, suspect_utterances
 from .._offline.fit import fit_labelled
-from .._offline.labelled import load_labelled
+from .._offline.labelled import Labelled, load_labelled
 from .._offline.route_file import default_rejects_path, route_file
 from .._routing.router import Router, TextEncoder
 from .._routing.schema import RoutesConfig, load_routes
@@ -161,16 +161,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     figures = evaluate(router.table, embeddings, data.labels, data.texts)
     decide_seconds = time.perf_counter() - t0
-    head = router.resolution.head
-    if head is not None and head.cv is not None:
-        table = router.table
-        blend = table.head.blend if table.head is not None else 0.0
-        figures["suspect_utterances"] = suspect_utterances(table, head.cv, table.method, blend)
-    comparison = (
-        compare_methods(router.table, router.resolution.head, embeddings, data.labels, data.texts)
-        if routes.method == "auto"
-        else None
-    )
+    comparison = _authoring_aids(router, figures, embeddings, data)
     seconds = time.perf_counter() - started
     print(f"routes: {args.routes} ({len(routes.routes)} routes, version {router.version})")
     print(f"data: {args.data}")
@@ -201,6 +192,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
             }
         )
     return 0
+
+
+def _authoring_aids(
+    router: Router, figures: dict[str, Any], embeddings: np.ndarray, data: Labelled
+) -> list[dict[str, Any]] | None:
+    """Adds the utterances the cross-validation sends elsewhere to ``figures`` (when the head
+    was cross-validated); returns every method's figures on the data for ``auto``."""
+    head = router.resolution.head
+    table = router.table
+    if head is not None and head.cv is not None:
+        blend = table.head.blend if table.head is not None else 0.0
+        figures["suspect_utterances"] = suspect_utterances(table, head.cv, table.method, blend)
+    if router.routes.method != "auto":
+        return None
+    return compare_methods(table, head, embeddings, data.labels, data.texts)
 
 
 # --- fit -----------------------------------------------------------------------------------

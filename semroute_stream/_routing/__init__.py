@@ -2,3 +2,5 @@
 
 Pure numpy plus the encoder; knows no Kafka, no HTTP and no labelled data.
 """
+
+__all__: list[str] = []
