@@ -13,7 +13,7 @@ broker, fresh topics and ``batching.max_size`` replaced.
 1. Route-only throughput. N messages are produced into a fresh topic first, then
    ``run_service(settings, max_messages=N)`` runs in this process. The window is timed from the
    moment the first micro-batch is in hand (``Pipeline._next_batch`` returned records) to the
-   broker's ack of the last outcome (``Pipeline._publish_outcome`` returned): start-up (model
+   broker's ack of the last outcome (``AtLeastOnceOutbox.publish`` returned): start-up (model
    load, group join) and shut-down (drain, final commit, leave group) are reported apart. The
    same texts are encoded with ``Encoder.encode`` in chunks of ``batching.max_size``, once
    before and once after the pipeline pass, in the same process; ratio = pipeline / encoder
@@ -88,7 +88,9 @@ from aiokafka import AIOKafkaProducer
 from semroute_stream._encoder import Encoder
 from semroute_stream._routing.router import Router
 from semroute_stream._routing.schema import load_routes
-from semroute_stream._service.pipeline import Pipeline, run_service
+from semroute_stream._service.app import run_service
+from semroute_stream._service.delivery import AtLeastOnceOutbox
+from semroute_stream._service.pipeline import Pipeline
 from semroute_stream._service.settings import Settings, load_settings
 
 OVERHEAD_TARGET = 0.15
@@ -116,7 +118,7 @@ class Probe:
 def instrument() -> Iterator[Probe]:
     probe = Probe()
     orig_next = Pipeline._next_batch
-    orig_publish = Pipeline._publish_outcome
+    orig_publish = AtLeastOnceOutbox.publish
     orig_encode = Encoder.encode
 
     async def next_batch(self: Pipeline) -> Any:
@@ -126,7 +128,7 @@ def instrument() -> Iterator[Probe]:
             probe.cpu_first = time.process_time()
         return records
 
-    async def publish(self: Pipeline, *args: Any, **kwargs: Any) -> None:
+    async def publish(self: AtLeastOnceOutbox, *args: Any, **kwargs: Any) -> None:
         await orig_publish(self, *args, **kwargs)
         probe.last_ack = time.perf_counter()
         probe.acks += 1
@@ -145,13 +147,13 @@ def instrument() -> Iterator[Probe]:
                 probe.encode_calls += 1
 
     Pipeline._next_batch = next_batch  # type: ignore[method-assign]
-    Pipeline._publish_outcome = publish  # type: ignore[method-assign]
+    AtLeastOnceOutbox.publish = publish  # type: ignore[method-assign]
     Encoder.encode = encode  # type: ignore[method-assign]
     try:
         yield probe
     finally:
         Pipeline._next_batch = orig_next  # type: ignore[method-assign]
-        Pipeline._publish_outcome = orig_publish  # type: ignore[method-assign]
+        AtLeastOnceOutbox.publish = orig_publish  # type: ignore[method-assign]
         Encoder.encode = orig_encode  # type: ignore[method-assign]
 
 

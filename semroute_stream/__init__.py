@@ -20,8 +20,9 @@ from ._errors import (
 from ._routing.decision import Decisions, RouteTable, decide
 from ._routing.router import Router
 from ._routing.schema import Fallback, Route, RoutesConfig, load_routes, routes_version, save_routes
+from ._service.app import run_service
 from ._service.llm import EndpointConfig, LLMPool, LLMResult
-from ._service.pipeline import RunStats, run_service
+from ._service.observe import RunStats
 from ._service.settings import Settings, load_settings
 
 __version__ = "0.1.0"

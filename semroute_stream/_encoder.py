@@ -52,8 +52,10 @@ _ORT_INT_TYPES: dict[str, type[np.signedinteger[Any]]] = {
 }
 
 
-class EncoderConfig(pydantic.BaseModel, extra="forbid"):
+class EncoderConfig(pydantic.BaseModel):
     """How to load and run the encoder."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
 
     #: ``all-MiniLM-L6-v2`` (built-in), or a directory holding model.onnx + tokenizer.json.
     model: str = DEFAULT_MODEL_NAME

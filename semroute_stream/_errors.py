@@ -9,9 +9,45 @@ SemrouteError                 base of everything below
     ├── LLMRetryableError     429, 5xx, timeouts and connection errors (retried with backoff)
     ├── LLMPermanentError     other 4xx and malformed responses (never retried)
     └── CircuitOpenError      the endpoint's circuit breaker is open
+
+Every message that cannot be answered ends as one dead letter whose ``error.kind`` is one of
+:data:`ERROR_KINDS`: an :class:`InputError`'s ``kind`` (stage ``parse``) or an
+:class:`LLMError`'s class-level ``kind`` (stage ``llm``).
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "ERROR_KINDS",
+    "INPUT_ERROR_KINDS",
+    "LLM_ERROR_KINDS",
+    "CircuitOpenError",
+    "ConfigError",
+    "InputError",
+    "LLMError",
+    "LLMPermanentError",
+    "LLMRetryableError",
+    "ModelError",
+    "SemrouteError",
+]
+
+#: ``InputError.kind`` values (stage ``parse``).
+INPUT_ERROR_KINDS = (
+    "null_value",
+    "oversized",
+    "invalid_utf8",
+    "invalid_json",
+    "not_an_object",
+    "missing_text",
+    "text_not_string",
+    "empty_text",
+)
+#: ``LLMError.kind`` values (stage ``llm``).
+LLM_ERROR_KINDS = ("llm_rejected", "llm_retries_exhausted", "llm_circuit_open")
+#: Every dead letter's ``error.kind``: the one list (metrics pre-create a series per kind).
+ERROR_KINDS = INPUT_ERROR_KINDS + LLM_ERROR_KINDS
 
 
 class SemrouteError(Exception):
@@ -48,7 +84,12 @@ class InputError(SemrouteError):
 
 
 class LLMError(SemrouteError):
-    """A call to an LLM endpoint failed. ``status`` is the HTTP status when there was one."""
+    """A call to an LLM endpoint failed. ``status`` is the HTTP status when there was one.
+
+    ``kind`` is the dead letter's ``error.kind`` when the message cannot be answered.
+    """
+
+    kind: ClassVar[str] = "llm_rejected"
 
     def __init__(self, message: str, *, endpoint: str, status: int | None = None) -> None:
         self.endpoint = endpoint
@@ -58,6 +99,8 @@ class LLMError(SemrouteError):
 
 class LLMRetryableError(LLMError):
     """A transient failure: 429, 5xx, timeout, connection error."""
+
+    kind: ClassVar[str] = "llm_retries_exhausted"
 
     def __init__(
         self,
@@ -80,6 +123,8 @@ class CircuitOpenError(LLMError):
 
     ``retry_after`` is how long (seconds) until the breaker lets a trial call through.
     """
+
+    kind: ClassVar[str] = "llm_circuit_open"
 
     def __init__(self, message: str, *, endpoint: str, retry_after: float = 0.0) -> None:
         self.retry_after = retry_after

@@ -1,12 +1,17 @@
-"""Test doubles: a tiny deterministic encoder with the real Encoder's interface."""
+"""Test doubles: a tiny deterministic encoder with the real Encoder's interface, and an
+in-memory outbox for pipeline tests that need no broker."""
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
+from aiokafka import TopicPartition
+
+from semroute_stream._service.delivery import CommitTracker
+from semroute_stream._service.records import Outcome
 
 _WORD = re.compile(r"[a-z0-9']+")
 
@@ -41,3 +46,47 @@ def unit(*values: float) -> np.ndarray:
     """A float32 unit vector."""
     v = np.asarray(values, dtype=np.float32)
     return v / np.linalg.norm(v)
+
+
+class MemoryOutbox:
+    """An in-memory outbox (the :class:`~semroute_stream._service.delivery.Outbox` seam):
+    outcomes are durable the moment they are published; ``commit()`` records the offsets."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[Outcome] = []
+        self.committed: dict[TopicPartition, int] = {}
+        self.tracker = CommitTracker()
+        self.owned: set[TopicPartition] = set()
+        self.on_lost: Callable[[set[TopicPartition]], None] = lambda tps: None
+
+    def assign(self, tps: set[TopicPartition]) -> None:
+        self.owned |= tps
+
+    def unassign(self, tps: set[TopicPartition]) -> None:
+        self.owned -= tps
+
+    def track(self, tp: TopicPartition, offset: int) -> None:
+        self.tracker.start(tp, offset)
+
+    def in_flight(self, tp: TopicPartition | None = None) -> int:
+        return self.tracker.in_flight(tp)
+
+    async def publish(self, outcome: Outcome) -> None:
+        self.outcomes.append(outcome)
+        src = outcome.src
+        self.tracker.finish(TopicPartition(src.topic, src.partition), src.offset)
+
+    def commit(self) -> None:
+        offsets = {tp: o for tp, o in self.tracker.committable().items() if tp in self.owned}
+        self.committed.update(offsets)
+        self.tracker.mark_committed(offsets)
+
+    async def revoke(self, tps: set[TopicPartition]) -> None:
+        self.unassign(tps)
+        self.tracker.forget(tps)
+
+    def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        self.commit()

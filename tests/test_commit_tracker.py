@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiokafka import TopicPartition
 
-from semroute_stream._service.kafka import CommitTracker
+from semroute_stream._service.delivery import CommitTracker
 
 A = TopicPartition("t", 0)
 B = TopicPartition("t", 1)

@@ -11,7 +11,8 @@ from kafka_local import LocalKafka
 from ops_helpers import http_get, wait_until
 from service_helpers import QUERIES, make_settings, produce, query_message
 
-from semroute_stream._service.pipeline import Pipeline, open_service
+from semroute_stream._service.app import open_service
+from semroute_stream._service.pipeline import Pipeline
 
 pytestmark = pytest.mark.kafka
 

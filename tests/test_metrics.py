@@ -21,14 +21,18 @@ from llm_stub import LLMStub
 from ops_helpers import http_get, samples, value, wait_until
 from service_helpers import BAD_INPUTS, QUERIES, make_settings, produce, query_message
 
-from semroute_stream._errors import ConfigError
+from semroute_stream._errors import ERROR_KINDS, ConfigError
 from semroute_stream._routing.router import Router
 from semroute_stream._routing.schema import load_routes
+from semroute_stream._service.app import open_service
+from semroute_stream._service.delivery import AtLeastOnceOutbox
 from semroute_stream._service.log_setup import JsonFormatter, TextFormatter
-from semroute_stream._service.observe import ERROR_KINDS, HttpServer, Metrics
-from semroute_stream._service.pipeline import Pipeline, open_service
+from semroute_stream._service.observe import HttpServer, Metrics, Observer
+from semroute_stream._service.pipeline import Pipeline
+from semroute_stream._service.records import OutRecord
 from semroute_stream._service.settings import TracingConfig
 from semroute_stream._service.tracing import Tracer, make_tracer
+from semroute_stream._service.worker import Worker
 
 
 @pytest.mark.kafka
@@ -171,8 +175,12 @@ class _Sink:
     def __init__(self) -> None:
         self.records: list[tuple[str, dict[str, Any]]] = []
 
-    async def __call__(self, topic: str, value: bytes, src: Any, headers: Any) -> None:
-        self.records.append((topic, orjson.loads(value)))
+    async def __call__(self, record: OutRecord) -> None:
+        self.records.append((record.topic, orjson.loads(record.value)))
+
+
+async def _no_commit(offsets: Any) -> None:
+    return None
 
 
 def _fake_pipeline(
@@ -181,16 +189,14 @@ def _fake_pipeline(
     settings = make_settings(tmp_path, "127.0.0.1:1", "in", mode="route_only", **sections)
     router = Router(load_routes(settings.routes), FakeEncoder())
     sink = _Sink()
+    observer = Observer(tracer=tracer)
     pipeline = Pipeline(
         settings,
         router,
-        router.encoder.encode,
-        object(),
-        None,
-        None,
-        {},
-        tracer=tracer,
-        sink=sink,  # type: ignore[arg-type]
+        object(),  # type: ignore[arg-type]
+        AtLeastOnceOutbox(sink, _no_commit, observer=observer),
+        Worker(settings, None, observer),
+        observer=observer,
     )
     pipeline.on_assigned({TopicPartition("in", 0)})
     return pipeline, sink
@@ -213,7 +219,7 @@ def _consumer_record(offset: int, value: bytes | None) -> ConsumerRecord[bytes, 
 
 
 async def _process(pipeline: Pipeline, values: list[bytes | None]) -> None:
-    await pipeline._process([_consumer_record(i, v) for i, v in enumerate(values)])
+    await pipeline.dispatch([_consumer_record(i, v) for i, v in enumerate(values)])
     await wait_until(lambda: pipeline.in_flight == 0, timeout=10)
 
 

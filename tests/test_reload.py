@@ -11,14 +11,16 @@ from typing import Any
 
 import pytest
 import yaml
-from fakes import FakeEncoder
+from fakes import FakeEncoder, MemoryOutbox
 from ops_helpers import wait_until
 from service_helpers import ROUTES, make_settings, produce, query_message, read_topic
 
 from semroute_stream._routing.router import Router
 from semroute_stream._routing.schema import load_routes, parse_routes, routes_version
+from semroute_stream._service.app import open_service
 from semroute_stream._service.llm import LLMPool
-from semroute_stream._service.pipeline import Pipeline, open_service
+from semroute_stream._service.pipeline import Pipeline
+from semroute_stream._service.worker import Worker
 
 COOKING = {
     "name": "cooking",
@@ -47,7 +49,8 @@ def _pipeline(tmp_path: Path, *, mode: str = "route_only", **sections: Any) -> P
     )
     router = Router(load_routes(settings.routes), FakeEncoder())
     llm = LLMPool(settings.endpoints, api_keys={}) if mode == "llm" else None
-    return Pipeline(settings, router, router.encoder.encode, object(), None, llm, {})  # type: ignore[arg-type]
+    consumer: Any = object()  # never used: these tests only reload
+    return Pipeline(settings, router, consumer, MemoryOutbox(), Worker(settings, llm))
 
 
 async def test_a_valid_change_is_swapped_in(tmp_path: Path) -> None:
@@ -101,13 +104,13 @@ async def test_llm_mode_rejects_routes_whose_endpoint_is_not_configured(
     assert "'chef' is not defined in the service config's endpoints" in caplog.text
     _write(pipeline.settings.routes, V2)
     assert await pipeline.reload_routes()
-    assert pipeline._targets["cooking"].endpoint == "general"
+    assert pipeline.routes.targets["cooking"].endpoint == "general"
 
 
 async def test_sighup_path_reloads_without_a_file_watch(tmp_path: Path) -> None:
     pipeline = _pipeline(tmp_path, reload={"watch_interval_s": 0})
     old = pipeline.router.version
-    watcher = asyncio.create_task(pipeline._watch_routes())
+    watcher = asyncio.create_task(pipeline.routes.watch())
     try:
         _write(pipeline.settings.routes, V2)
         await asyncio.sleep(0.1)  # the watcher waits for a request only: no reload yet

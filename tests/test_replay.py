@@ -24,7 +24,7 @@ from service_helpers import (
 )
 
 from semroute_stream._errors import ConfigError
-from semroute_stream._service.pipeline import open_service, run_service
+from semroute_stream._service.app import open_service, run_service
 from semroute_stream._service.replay import ReplayStart, parse_partitions, parse_timestamp, plan
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ from service_helpers import (
     settings_yaml,
 )
 
-from semroute_stream._service.pipeline import run_service
+from semroute_stream._service.app import run_service
 
 pytestmark = pytest.mark.kafka
 

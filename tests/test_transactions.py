@@ -8,7 +8,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from service_helpers import committed_offsets
 
-from semroute_stream._service.transactions import OutRecord, PartitionFenced, PartitionTransactions
+from semroute_stream._service.records import OutRecord
+from semroute_stream._service.transactions import PartitionFenced, PartitionTransactions
 
 pytestmark = pytest.mark.kafka
 

@@ -19,10 +19,10 @@ import httpx
 
 from .._errors import ConfigError, SemrouteError
 from .._routing.schema import RoutesConfig, load_routes, routes_version
+from .kafka import topic_partitions
 from .llm import resolve_api_keys
-from .pipeline import route_targets
-from .replay import topic_partitions
 from .settings import Settings, load_settings
+from .worker import route_targets
 
 __all__ = ["Finding", "check"]
 

@@ -1,19 +1,26 @@
-"""Kafka plumbing: client construction from the config, and the per-partition commit tracker.
+"""Kafka plumbing: client construction from the config, and topic metadata.
 
-The tracker is what makes at-least-once hold while LLM calls finish out of order: for each
-partition it commits only the offset below which every message has its outcome acknowledged.
+The commit bookkeeping lives with delivery (:mod:`.delivery`).
 """
 
 from __future__ import annotations
 
 import ssl
-from collections import deque
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.helpers import create_ssl_context
 
 from .settings import KafkaConfig, Settings
+
+__all__ = [
+    "connection_kwargs",
+    "make_consumer",
+    "make_producer",
+    "make_transactional_producer",
+    "topic_partitions",
+]
 
 
 def connection_kwargs(cfg: KafkaConfig) -> dict[str, Any]:
@@ -80,59 +87,20 @@ def make_transactional_producer(settings: Settings, transactional_id: str) -> AI
     )
 
 
-class _Partition:
-    __slots__ = ("done", "next_offset", "pending")
+async def topic_partitions(settings: Settings, topics: list[str]) -> dict[str, set[int]]:
+    """The partitions of each of ``topics`` that exists (admin client metadata requests).
 
-    def __init__(self) -> None:
-        self.pending: deque[int] = deque()  # offsets handed out, in consumption order
-        self.done: set[int] = set()  # finished offsets still behind an unfinished one
-        self.next_offset: int | None = None  # what to commit: everything below it is finished
-
-
-class CommitTracker:
-    """Per-partition progress of messages whose outcomes may finish out of order.
-
-    ``start`` each offset in consumption order, ``finish`` it once its outcome record is
-    acknowledged; ``committable`` then gives, for each partition, the offset to commit (one past
-    the longest finished prefix). Pure bookkeeping: no Kafka calls.
+    Lists the topics first: a metadata request naming a missing topic would create it on a
+    broker with ``auto.create.topics.enable``.
     """
-
-    def __init__(self) -> None:
-        self._parts: dict[TopicPartition, _Partition] = {}
-        self._committed: dict[TopicPartition, int] = {}
-
-    def start(self, tp: TopicPartition, offset: int) -> None:
-        self._parts.setdefault(tp, _Partition()).pending.append(offset)
-
-    def finish(self, tp: TopicPartition, offset: int) -> None:
-        part = self._parts.get(tp)
-        if part is None:  # the partition was revoked meanwhile: its new owner redoes it
-            return
-        part.done.add(offset)
-        while part.pending and part.pending[0] in part.done:
-            first = part.pending.popleft()
-            part.done.discard(first)
-            part.next_offset = first + 1
-
-    def in_flight(self, tp: TopicPartition | None = None) -> int:
-        if tp is not None:
-            part = self._parts.get(tp)
-            return len(part.pending) if part else 0
-        return sum(len(p.pending) for p in self._parts.values())
-
-    def committable(self) -> dict[TopicPartition, int]:
-        """Offsets that moved since the last ``mark_committed``."""
-        return {
-            tp: p.next_offset
-            for tp, p in self._parts.items()
-            if p.next_offset is not None and self._committed.get(tp) != p.next_offset
-        }
-
-    def mark_committed(self, offsets: dict[TopicPartition, int]) -> None:
-        self._committed.update(offsets)
-
-    def forget(self, tps: set[TopicPartition]) -> None:
-        """Drop revoked partitions: late completions for them are ignored."""
-        for tp in tps:
-            self._parts.pop(tp, None)
-            self._committed.pop(tp, None)
+    admin = AIOKafkaAdminClient(**connection_kwargs(settings.kafka))
+    await admin.start()
+    try:
+        names = set(await admin.list_topics())
+        present = [t for t in topics if t in names]
+        found = await admin.describe_topics(present) if present else []
+    finally:
+        await admin.close()
+    return {
+        t["topic"]: {p["partition"] for p in t["partitions"]} for t in found if t["error_code"] == 0
+    }

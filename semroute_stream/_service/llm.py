@@ -54,8 +54,10 @@ log = logging.getLogger(__name__)
 _EXCERPT_CHARS = 200
 
 
-class EndpointConfig(pydantic.BaseModel, extra="forbid"):
+class EndpointConfig(pydantic.BaseModel):
     """One OpenAI-compatible endpoint: requests go to ``POST {base_url}/chat/completions``."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
 
     base_url: str
     model: str

@@ -13,30 +13,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections import Counter as Tally
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from .._errors import ConfigError
+from .._errors import ERROR_KINDS, ConfigError
+from .tracing import Tracer
 
-__all__ = ["CIRCUIT_STATES", "ERROR_KINDS", "HttpServer", "Metrics", "Response"]
+if TYPE_CHECKING:
+    from .records import Outcome
+
+__all__ = [
+    "CIRCUIT_STATES",
+    "Handler",
+    "HttpServer",
+    "Metrics",
+    "Observer",
+    "Response",
+    "RunStats",
+    "metrics_response",
+]
 
 log = logging.getLogger("semroute_stream")
 
-ERROR_KINDS = (
-    "null_value",
-    "oversized",
-    "invalid_utf8",
-    "invalid_json",
-    "not_an_object",
-    "missing_text",
-    "text_not_string",
-    "empty_text",
-    "llm_rejected",
-    "llm_retries_exhausted",
-    "llm_circuit_open",
-)
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -129,6 +133,60 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+@dataclass
+class RunStats:
+    """What one run did. Returned by :func:`run_service` (and printed by the CLI)."""
+
+    consumed: int = 0
+    outcomes: int = 0
+    dead_letters: int = 0
+    routes: Tally[str] = field(default_factory=Tally)
+    errors: Tally[str] = field(default_factory=Tally)
+    batches: int = 0
+    pauses: int = 0
+    commits: int = 0
+    stopped_by: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "consumed": self.consumed,
+            "outcomes": self.outcomes,
+            "dead_letters": self.dead_letters,
+            "routes": dict(self.routes),
+            "errors": dict(self.errors),
+            "batches": self.batches,
+            "pauses": self.pauses,
+            "commits": self.commits,
+            "stopped_by": self.stopped_by,
+        }
+
+
+class Observer:
+    """A run's statistics, metrics and tracer: what the pipeline, its worker and its outbox
+    report to. One per pipeline; :meth:`published` is called when an outcome is durable (at
+    the broker's ack in at-least-once delivery, at the transaction's commit in exactly-once).
+    """
+
+    def __init__(self, metrics: Metrics | None = None, tracer: Tracer | None = None) -> None:
+        self.metrics = metrics or Metrics()
+        self.tracer = tracer or Tracer()
+        self.stats = RunStats()
+
+    def published(self, outcome: Outcome) -> None:
+        self.metrics.end_to_end_seconds.observe(time.time() - outcome.received)
+        if outcome.kind is not None:
+            self.stats.dead_letters += 1
+            self.stats.errors[outcome.kind] += 1
+            self.metrics.dead_letters.labels(outcome.kind).inc()
+            return
+        self.stats.outcomes += 1
+        if outcome.route is not None:
+            self.stats.routes[outcome.route] += 1
+            self.metrics.routed.labels(outcome.route).inc()
+        if outcome.fallback:
+            self.metrics.fallback.inc()
 
 
 Response = tuple[int, str, bytes]  # status, content type, body

@@ -1,4 +1,5 @@
-"""The outcome / dead-letter record schemas (documented in the README) and a message's source.
+"""What a message becomes: its :class:`Source`, its :class:`Outcome`, and the outcome /
+dead-letter record schemas (documented in the README).
 
 Pure functions over plain values: no Kafka, no I/O.
 """
@@ -13,6 +14,17 @@ from typing import Any, Literal
 import orjson
 
 from .._input import Query
+
+__all__ = [
+    "DEAD_LETTER_SCHEMA",
+    "OUTCOME_SCHEMA",
+    "OutRecord",
+    "Outcome",
+    "Source",
+    "coords",
+    "dead_letter_record",
+    "outcome_record",
+]
 
 OUTCOME_SCHEMA = "semroute.outcome/1"
 DEAD_LETTER_SCHEMA = "semroute.dead_letter/1"
@@ -34,6 +46,42 @@ class Source:
     @property
     def idempotency_key(self) -> str:
         return f"{self.topic}/{self.partition}/{self.offset}"
+
+
+def coords(src: Source) -> dict[str, Any]:
+    """The message coordinates every log line about one message carries."""
+    return {"topic": src.topic, "partition": src.partition, "offset": src.offset}
+
+
+@dataclass(frozen=True)
+class OutRecord:
+    """One record to publish."""
+
+    topic: str
+    value: bytes
+    key: bytes | None
+    headers: list[tuple[str, bytes]]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The one record a message ends as: a response (``kind`` None) or a dead letter."""
+
+    src: Source
+    topic: str
+    value: bytes
+    received: float  # wall clock when its batch was fetched
+    route: str | None = None
+    kind: str | None = None  # the dead letter's error kind
+    fallback: bool = False
+
+    def record(self) -> OutRecord:
+        """The record to write: the input's key and headers, plus status and route headers."""
+        headers = list(self.src.headers)
+        headers.append(("semroute-status", b"error" if self.kind is not None else b"ok"))
+        if self.route is not None:
+            headers.append(("semroute-route", self.route.encode()))
+        return OutRecord(self.topic, self.value, self.src.key, headers)
 
 
 def _bytes_field(data: bytes | None) -> dict[str, str] | None:

@@ -8,7 +8,7 @@ What it does, and the choices made:
 * **Assignment and group.** The partitions are assigned manually (no group membership: no
   rebalance with the live service, which keeps running). Progress is committed to a consumer
   group of the replay's own, ``<input.group_id>.replay.<UTC time>``, never to the live group.
-* **Same code.** It runs :class:`~semroute_stream._service.pipeline.Pipeline` itself (parse, encode,
+* **Same code.** It runs :class:`~.pipeline.Pipeline` itself (parse, encode,
   decide, LLM call, outcome and dead-letter records), with the routes file as it is now.
 * **Outputs.** The configured topics (outcome records keep their ``idempotency_key``, so a
   consumer deduplicating by it drops them: point the outputs elsewhere with
@@ -29,14 +29,14 @@ from pathlib import Path
 from typing import IO, Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .._errors import ConfigError
-from .kafka import connection_kwargs
-from .pipeline import RunStats, open_service, signal_handlers
-from .records import Source
+from .app import open_service, signal_handlers
+from .kafka import topic_partitions
+from .observe import RunStats
+from .records import OutRecord
 from .settings import Settings
 
 __all__ = [
@@ -46,7 +46,6 @@ __all__ = [
     "parse_timestamp",
     "plan",
     "run_replay",
-    "topic_partitions",
 ]
 
 log = logging.getLogger("semroute_stream")
@@ -89,25 +88,6 @@ def parse_partitions(text: str) -> list[int]:
     return sorted(found)
 
 
-async def topic_partitions(settings: Settings, topics: list[str]) -> dict[str, set[int]]:
-    """The partitions of each of ``topics`` that exists (admin client metadata requests).
-
-    Lists the topics first: a metadata request naming a missing topic would create it on a
-    broker with ``auto.create.topics.enable``.
-    """
-    admin = AIOKafkaAdminClient(**connection_kwargs(settings.kafka))
-    await admin.start()
-    try:
-        names = set(await admin.list_topics())
-        present = [t for t in topics if t in names]
-        found = await admin.describe_topics(present) if present else []
-    finally:
-        await admin.close()
-    return {
-        t["topic"]: {p["partition"] for p in t["partitions"]} for t in found if t["error_code"] == 0
-    }
-
-
 async def plan(
     settings: Settings,
     consumer: AIOKafkaConsumer,
@@ -145,10 +125,8 @@ class JsonlSink:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file: IO[bytes] = open(self.path, "wb")  # noqa: SIM115 - closed by close()
 
-    async def __call__(
-        self, topic: str, value: bytes, src: Source, headers: list[tuple[str, bytes]]
-    ) -> None:
-        self._file.write(value + b"\n")
+    async def __call__(self, record: OutRecord) -> None:
+        self._file.write(record.value + b"\n")
 
     def close(self) -> None:
         self._file.close()

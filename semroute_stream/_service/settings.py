@@ -19,6 +19,20 @@ from .._encoder import EncoderConfig
 from .._errors import ConfigError
 from .llm import EndpointConfig
 
+__all__ = [
+    "BatchingConfig",
+    "FlowConfig",
+    "InputConfig",
+    "KafkaConfig",
+    "LoggingConfig",
+    "ObservabilityConfig",
+    "OutputConfig",
+    "ReloadConfig",
+    "Settings",
+    "TracingConfig",
+    "load_settings",
+]
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")

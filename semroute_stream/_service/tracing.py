@@ -18,9 +18,12 @@ from typing import Any
 from .._errors import ConfigError
 from .settings import TracingConfig
 
-__all__ = ["Tracer", "make_tracer"]
+__all__ = ["MESSAGING", "Tracer", "make_tracer"]
 
 Attributes = Mapping[str, Any]  # str, int, float or bool values
+
+#: The attribute every messaging span carries.
+MESSAGING = {"messaging.system": "kafka"}
 
 
 class Tracer:

@@ -19,22 +19,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
+from .records import OutRecord
+
+__all__ = ["PartitionFenced", "PartitionTransactions", "transactional_id"]
+
 log = logging.getLogger("semroute_stream")
-
-
-@dataclass(frozen=True)
-class OutRecord:
-    """One record to publish."""
-
-    topic: str
-    value: bytes
-    key: bytes | None
-    headers: list[tuple[str, bytes]]
 
 
 def transactional_id(prefix: str, group_id: str, tp: TopicPartition) -> str:

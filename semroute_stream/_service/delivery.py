@@ -1,0 +1,364 @@
+"""Delivery: where outcomes go and when offsets are committed (the outbox).
+
+An :class:`Outbox` takes every outcome of the partitions it owns and commits each partition's
+offset only past messages whose outcome is durable. Two implementations:
+
+* :class:`AtLeastOnceOutbox`: each outcome is sent and acknowledged (``acks=all``, idempotent
+  producer) before its offset counts as finished; a commit loop commits the finished prefix of
+  every partition. ``send`` is pluggable (the producer, or a file for replay, or a list in
+  tests), as httpx's transports are.
+* :class:`ExactlyOnceOutbox`: outcomes are queued per partition; the commit loop writes each
+  partition's finished prefix and its next offset in one transaction
+  (:class:`~.transactions.PartitionTransactions`).
+
+The :class:`CommitTracker` is the pure bookkeeping underneath both: LLM calls finish out of
+order, the commit point never passes an unfinished message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError, KafkaTimeoutError
+from aiokafka.structs import OffsetAndMetadata
+
+from .observe import Observer
+from .records import Outcome, OutRecord
+from .tracing import MESSAGING
+from .transactions import PartitionFenced, PartitionTransactions
+
+__all__ = [
+    "CLIENT_STOP_S",
+    "AtLeastOnceOutbox",
+    "CommitTracker",
+    "ExactlyOnceOutbox",
+    "Outbox",
+    "Send",
+    "producer_send",
+]
+
+log = logging.getLogger("semroute_stream")
+
+#: How long a shutdown step that talks to the broker may take (a final commit, a client stop).
+CLIENT_STOP_S = 30.0
+
+#: Writes one record and returns once it is durable.
+Send = Callable[[OutRecord], Awaitable[None]]
+#: Commits consumer offsets (``AIOKafkaConsumer.commit``).
+CommitOffsets = Callable[[dict[TopicPartition, OffsetAndMetadata]], Awaitable[None]]
+
+
+# ---- bookkeeping ------------------------------------------------------------------------------
+
+
+class _Partition:
+    __slots__ = ("done", "next_offset", "pending")
+
+    def __init__(self) -> None:
+        self.pending: deque[int] = deque()  # offsets handed out, in consumption order
+        self.done: set[int] = set()  # finished offsets still behind an unfinished one
+        self.next_offset: int | None = None  # what to commit: everything below it is finished
+
+
+class CommitTracker:
+    """Per-partition progress of messages whose outcomes may finish out of order.
+
+    ``start`` each offset in consumption order, ``finish`` it once its outcome record is
+    acknowledged; ``committable`` then gives, for each partition, the offset to commit (one past
+    the longest finished prefix). Pure bookkeeping: no Kafka calls.
+    """
+
+    def __init__(self) -> None:
+        self._parts: dict[TopicPartition, _Partition] = {}
+        self._committed: dict[TopicPartition, int] = {}
+
+    def start(self, tp: TopicPartition, offset: int) -> None:
+        self._parts.setdefault(tp, _Partition()).pending.append(offset)
+
+    def finish(self, tp: TopicPartition, offset: int) -> None:
+        part = self._parts.get(tp)
+        if part is None:  # the partition was revoked meanwhile: its new owner redoes it
+            return
+        part.done.add(offset)
+        while part.pending and part.pending[0] in part.done:
+            first = part.pending.popleft()
+            part.done.discard(first)
+            part.next_offset = first + 1
+
+    def in_flight(self, tp: TopicPartition | None = None) -> int:
+        if tp is not None:
+            part = self._parts.get(tp)
+            return len(part.pending) if part else 0
+        return sum(len(p.pending) for p in self._parts.values())
+
+    def committable(self) -> dict[TopicPartition, int]:
+        """Offsets that moved since the last ``mark_committed``."""
+        return {
+            tp: p.next_offset
+            for tp, p in self._parts.items()
+            if p.next_offset is not None and self._committed.get(tp) != p.next_offset
+        }
+
+    def mark_committed(self, offsets: dict[TopicPartition, int]) -> None:
+        self._committed.update(offsets)
+
+    def forget(self, tps: set[TopicPartition]) -> None:
+        """Drop revoked partitions: late completions for them are ignored."""
+        for tp in tps:
+            self._parts.pop(tp, None)
+            self._committed.pop(tp, None)
+
+
+# ---- the seam ---------------------------------------------------------------------------------
+
+
+class Outbox(Protocol):
+    """What the pipeline needs from delivery. ``on_lost`` is called with partitions that
+    another instance took over (exactly-once fencing); the pipeline stops taking their work."""
+
+    on_lost: Callable[[set[TopicPartition]], None]
+
+    def assign(self, tps: set[TopicPartition]) -> None: ...
+    def unassign(self, tps: set[TopicPartition]) -> None: ...
+    def track(self, tp: TopicPartition, offset: int) -> None: ...
+    def in_flight(self, tp: TopicPartition | None = None) -> int: ...
+    async def publish(self, outcome: Outcome) -> None: ...
+    async def revoke(self, tps: set[TopicPartition]) -> None: ...
+    def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+class _Committing:
+    """The commit loop and the bounded final commit, shared by both outboxes.
+
+    Subclasses implement :meth:`_commit_offsets`: write ``offsets`` (next offset per
+    partition) and return the partitions that turned out not to be ours any more.
+    """
+
+    def __init__(self, observer: Observer, commit_interval_ms: int) -> None:
+        self._observer = observer
+        self._interval = commit_interval_ms / 1000
+        self.tracker = CommitTracker()
+        self.owned: set[TopicPartition] = set()
+        self.on_lost: Callable[[set[TopicPartition]], None] = lambda tps: None
+        self._wanted = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._committer: asyncio.Task[None] | None = None
+
+    def assign(self, tps: set[TopicPartition]) -> None:
+        self.owned |= tps
+
+    def unassign(self, tps: set[TopicPartition]) -> None:
+        """Leave ``tps`` out of the periodic commits (a revocation has begun)."""
+        self.owned -= tps
+
+    def track(self, tp: TopicPartition, offset: int) -> None:
+        self.tracker.start(tp, offset)
+
+    def in_flight(self, tp: TopicPartition | None = None) -> int:
+        return self.tracker.in_flight(tp)
+
+    def _finished(self, outcome: Outcome) -> None:
+        src = outcome.src
+        self.tracker.finish(TopicPartition(src.topic, src.partition), src.offset)
+        self._wanted.set()
+
+    async def _commit_offsets(self, offsets: dict[TopicPartition, int]) -> set[TopicPartition]:
+        raise NotImplementedError
+
+    def _forget(self, tps: set[TopicPartition]) -> None:
+        self.owned -= tps
+        self.tracker.forget(tps)
+
+    async def commit(self, only: set[TopicPartition] | None = None) -> None:
+        """Commit the finished prefix of every owned partition (or of ``only``)."""
+        async with self._lock:
+            scope = self.owned if only is None else only
+            offsets = {tp: o for tp, o in self.tracker.committable().items() if tp in scope}
+            if not offsets:
+                return
+            lost = await self._commit_offsets(offsets)
+            if lost:  # another instance owns them now: drop our state, write nothing more
+                self._forget(lost)
+                self.on_lost(lost)
+                offsets = {tp: o for tp, o in offsets.items() if tp not in lost}
+            self.tracker.mark_committed(offsets)
+            self._observer.stats.commits += 1
+
+    async def revoke(self, tps: set[TopicPartition]) -> None:
+        """Commit what is finished of ``tps``, then forget them: their new owner redoes the rest."""
+        self.unassign(tps)
+        try:
+            await self.commit(only=tps)
+        except KafkaError as err:
+            log.warning("commit on revoke failed (%r): the new owner redoes the rest", err)
+        self._forget(tps)
+
+    def start(self) -> None:
+        self._committer = asyncio.create_task(self._commit_loop(), name="semroute-commit")
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._wanted.wait()
+            self._wanted.clear()
+            try:
+                await self.commit()
+            except KafkaError as err:  # e.g. a rebalance in progress: try again later
+                log.info("commit deferred: %r", err)
+                self._wanted.set()
+            await asyncio.sleep(self._interval)
+
+    async def stop(self) -> None:
+        """Stop the commit loop and make the final commit, both bounded by ``CLIENT_STOP_S``.
+
+        Never cancel the committer inside a commit: a transaction cancelled while it commits
+        leaves its producer unusable for the final commit. Bounded: with the broker gone a
+        commit would wait without end (then nothing more is committed and the uncommitted work
+        is redelivered).
+        """
+        idle = False
+        with contextlib.suppress(TimeoutError):
+            idle = await asyncio.wait_for(self._lock.acquire(), CLIENT_STOP_S)
+        if self._committer is not None:
+            self._committer.cancel()
+        if idle:
+            self._lock.release()
+        if self._committer is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._committer
+        if not idle:
+            log.warning("a commit was still running at shutdown: uncommitted work is redelivered")
+            return
+        try:
+            await asyncio.wait_for(self.commit(), CLIENT_STOP_S)
+        except (KafkaError, TimeoutError) as err:
+            log.warning("final commit failed (%r): uncommitted work is redelivered", err)
+
+
+# ---- at-least-once ----------------------------------------------------------------------------
+
+
+def producer_send(producer: object) -> Send:
+    """A :data:`Send` through an ``AIOKafkaProducer``: retriable broker errors are retried
+    without end (the offset stays unfinished meanwhile, so nothing is committed past it)."""
+
+    async def send(record: OutRecord) -> None:
+        delay = 0.1
+        while True:
+            try:
+                fut = await producer.send(  # type: ignore[attr-defined]
+                    record.topic, record.value, key=record.key, headers=record.headers
+                )
+                await fut
+                return
+            except (KafkaTimeoutError, KafkaError) as err:
+                if not (isinstance(err, KafkaTimeoutError) or getattr(err, "retriable", False)):
+                    raise
+                log.warning(
+                    "publish to %s failed (%r); retrying in %.1fs", record.topic, err, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    return send
+
+
+class AtLeastOnceOutbox(_Committing):
+    """Send each outcome and wait for its ack; commit consumer offsets past acked prefixes."""
+
+    def __init__(
+        self,
+        send: Send,
+        commit_offsets: CommitOffsets,
+        *,
+        observer: Observer | None = None,
+        commit_interval_ms: int = 1000,
+    ) -> None:
+        super().__init__(observer or Observer(), commit_interval_ms)
+        self._send = send
+        self._commit_to = commit_offsets
+
+    async def publish(self, outcome: Outcome) -> None:
+        """Write one outcome and wait until it is durable, then mark its offset finished.
+
+        A send that fails or is cancelled (drain timeout, revoked partition) leaves the offset
+        unfinished, so it is never committed past: the message is redelivered.
+        """
+        topic = outcome.topic
+        attributes = {
+            **MESSAGING,
+            "messaging.destination.name": topic,
+            "messaging.operation.type": "send",
+        }
+        with self._observer.tracer.span(f"send {topic}", attributes, kind="producer"):
+            await self._send(outcome.record())
+        self._observer.published(outcome)
+        self._finished(outcome)
+
+    async def _commit_offsets(self, offsets: dict[TopicPartition, int]) -> set[TopicPartition]:
+        await self._commit_to({tp: OffsetAndMetadata(o, "") for tp, o in offsets.items()})
+        return set()
+
+
+# ---- exactly-once -----------------------------------------------------------------------------
+
+
+class ExactlyOnceOutbox(_Committing):
+    """Queue outcomes per partition; commit each partition's finished prefix with its next
+    offset in one transaction. Outcomes count as published when their transaction commits."""
+
+    def __init__(
+        self,
+        transactions: PartitionTransactions,
+        *,
+        observer: Observer | None = None,
+        commit_interval_ms: int = 1000,
+    ) -> None:
+        super().__init__(observer or Observer(), commit_interval_ms)
+        self.transactions = transactions
+        self._queued: dict[TopicPartition, list[Outcome]] = {}
+
+    def assign(self, tps: set[TopicPartition]) -> None:
+        super().assign(tps)
+        self.transactions.assign(tps)
+
+    async def publish(self, outcome: Outcome) -> None:
+        src = outcome.src
+        self._queued.setdefault(TopicPartition(src.topic, src.partition), []).append(outcome)
+        self._finished(outcome)
+
+    def _forget(self, tps: set[TopicPartition]) -> None:
+        super()._forget(tps)
+        for tp in tps:
+            self._queued.pop(tp, None)
+
+    async def revoke(self, tps: set[TopicPartition]) -> None:
+        await super().revoke(tps)
+        await self.transactions.release(tps)
+
+    async def _commit_offsets(self, offsets: dict[TopicPartition, int]) -> set[TopicPartition]:
+        done = await asyncio.gather(*(self._transact(tp, o) for tp, o in offsets.items()))
+        return {tp for tp, ok in zip(offsets, done, strict=True) if not ok}
+
+    async def _transact(self, tp: TopicPartition, next_offset: int) -> bool:
+        """Write the queued outcomes below ``next_offset`` with that offset, in one
+        transaction. False when the partition's transactional id was fenced by a newer owner."""
+        queued = self._queued.get(tp, [])
+        ready = [o for o in queued if o.src.offset < next_offset]
+        self._queued[tp] = [o for o in queued if o.src.offset >= next_offset]
+        attributes = {**MESSAGING, "messaging.batch.message_count": len(ready)}
+        try:
+            with self._observer.tracer.span("transaction", attributes):
+                await self.transactions.publish(tp, [o.record() for o in ready], next_offset)
+        except PartitionFenced as err:
+            log.warning("%s: not committed here, its new owner redoes it (%s)", tp, err)
+            return False
+        for outcome in ready:
+            self._observer.published(outcome)
+        return True

@@ -1,0 +1,112 @@
+"""The routes in use, and their hot reload between two batches.
+
+:class:`LiveRoutes` holds the router and the route → endpoint targets the pipeline decides
+with. It reloads when the routes file's mtime/size/inode changes (``reload.watch_interval_s``)
+or on request (SIGHUP): the new file is loaded, validated and embedded off the event loop, then
+swapped in under the pipeline's batch lock, so one batch is always decided by one version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+from .._routing.router import Router
+from .._routing.schema import load_routes, routes_version
+from .observe import Metrics
+from .settings import Settings
+from .worker import Target, route_targets
+
+__all__ = ["LiveRoutes"]
+
+log = logging.getLogger("semroute_stream")
+
+
+class LiveRoutes:
+    """The live router and targets; ``llm`` says whether targets are needed (``llm`` mode)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        router: Router,
+        targets: dict[str, Target],
+        *,
+        llm: bool,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.router = router
+        self.targets = targets
+        #: Held by the pipeline from a batch's fetch result to its dispatch (and while it
+        #: revokes partitions); a swap takes it, so it happens between two batches.
+        self.lock = asyncio.Lock()
+        self._llm = llm
+        self._metrics = metrics
+        self._wanted = asyncio.Event()
+        self._stamp: tuple[int, int, int] | None = None
+        metrics.routes.info({"version": router.version})
+
+    def request(self) -> None:
+        """Check the routes file now (what SIGHUP does)."""
+        self._wanted.set()
+
+    async def watch(self) -> None:
+        """Reload when the routes file's mtime/size/inode changes, or on request."""
+        interval = self.settings.reload.watch_interval_s or None  # 0: on request only
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wanted.wait(), interval)
+            forced = self._wanted.is_set()
+            self._wanted.clear()
+            stamp = _stamp(self.settings.routes)
+            if forced or stamp != self._stamp:
+                self._stamp = stamp
+                await self.reload()
+
+    async def reload(self) -> bool:
+        """Load, validate and embed the routes file, then swap it in between two batches.
+
+        Returns whether a new version went live. A file that fails (bad YAML, bad schema, an
+        endpoint the config lacks) is rejected with one log line; the routes in use stay.
+        """
+        path = self.settings.routes
+        current = self.router.version
+        try:
+            routes = await asyncio.to_thread(load_routes, path)
+            version = routes_version(routes)
+            if version == current:
+                log.debug("routes file %s checked: version %s unchanged", path, version)
+                return False
+            targets = route_targets(routes, self.settings) if self._llm else {}
+            router = await asyncio.to_thread(Router, routes, self.router.encoder)
+        except Exception as err:  # whatever is wrong with the new file, the service goes on
+            self._metrics.reloads.labels("rejected").inc()
+            log.error(
+                "routes reload rejected, keeping version %s: %s",
+                current,
+                " | ".join(line.strip() for line in str(err).splitlines() if line.strip()),
+                extra={"routes_file": str(path)},
+            )
+            return False
+        async with self.lock:  # between batches
+            self.router, self.targets = router, targets
+        self._metrics.routes.info({"version": router.version})
+        self._metrics.reloads.labels("applied").inc()
+        log.info(
+            "routes reloaded: version %s -> %s (%d routes)",
+            current,
+            router.version,
+            len(routes.routes),
+            extra={"routes_file": str(path)},
+        )
+        return True
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino

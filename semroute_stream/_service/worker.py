@@ -1,0 +1,239 @@
+"""The worker: turns one routed query into its :class:`Outcome` (a response or a dead letter).
+
+In ``llm`` mode it calls the route's endpoint (waiting while the endpoint's breaker is open);
+in ``route_only`` mode the outcome is the decision alone. Messages that did not parse get their
+dead letter from :meth:`Worker.rejected`. Either way the pipeline hands the outcome to the
+outbox through one call, so responses and dead letters leave by the same path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .._errors import (
+    CircuitOpenError,
+    ConfigError,
+    InputError,
+    LLMError,
+    LLMPermanentError,
+    LLMRetryableError,
+)
+from .._input import Query
+from .._routing.schema import RoutesConfig
+from .llm import LLMPool, LLMResult
+from .observe import Observer
+from .records import Outcome, Source, coords, dead_letter_record, outcome_record
+from .settings import Settings
+
+__all__ = ["Routed", "Target", "Worker", "route_targets"]
+
+log = logging.getLogger("semroute_stream")
+
+_LOGGED_TEXT_CHARS = 1000  # with logging.log_message_text, at most this much of a message
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one route's queries go in LLM mode."""
+
+    endpoint: str
+    model: str | None
+    system_prompt: str | None
+
+
+@dataclass(frozen=True)
+class Routed:
+    """One parsed message with its decision, ready for its worker."""
+
+    src: Source
+    query: Query
+    raw: bytes | None  # the original value, for a dead letter
+    decision: dict[str, Any]  # the explanation written into the outcome record
+    route: str
+    is_fallback: bool
+    target: Target | None  # None in route_only mode
+    timings: dict[str, float]  # ms: queue, encode, decide (llm and total are added)
+    received: float  # wall clock when its batch was fetched
+
+
+def route_targets(routes: RoutesConfig, settings: Settings) -> dict[str, Target]:
+    """Map every route (and the fallback) to its endpoint; fail fast on unknown endpoints."""
+    targets: dict[str, Target] = {}
+    problems: list[str] = []
+    entries: list[tuple[str, Any]] = [(r.name, r) for r in routes.routes]
+    entries.append((routes.fallback.name, routes.fallback))
+    for name, entry in entries:
+        if entry.endpoint is None:
+            problems.append(f"route {name!r}: endpoint: required in llm mode")
+        elif entry.endpoint not in settings.endpoints:
+            known = ", ".join(sorted(settings.endpoints)) or "none defined"
+            problems.append(
+                f"route {name!r}: endpoint: {entry.endpoint!r} is not defined in the "
+                f"service config's endpoints ({known})"
+            )
+        else:
+            targets[name] = Target(entry.endpoint, entry.model, entry.system_prompt)
+    if problems:
+        raise ConfigError("\n".join(problems), file=str(settings.routes))
+    return targets
+
+
+class Worker:
+    """Answers routed queries. ``llm`` is None in ``route_only`` mode."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        llm: LLMPool | None = None,
+        observer: Observer | None = None,
+    ) -> None:
+        self.settings = settings
+        self.llm = llm
+        self._observer = observer or Observer()
+        self.endpoint_load: Counter[str] = Counter()  # messages per endpoint, in flight
+
+    def endpoint_of(self, routed: Routed) -> str | None:
+        return routed.target.endpoint if (routed.target and self.llm) else None
+
+    @contextlib.contextmanager
+    def occupying(self, routed: Routed) -> Iterator[None]:
+        """Count the message against its endpoint's in-flight bound while it is handled."""
+        endpoint = self.endpoint_of(routed)
+        if endpoint is not None:
+            self.endpoint_load[endpoint] += 1
+        try:
+            yield
+        finally:
+            if endpoint is not None:
+                self.endpoint_load[endpoint] -= 1
+
+    def rejected(self, src: Source, raw: bytes | None, err: InputError, received: float) -> Outcome:
+        """The dead letter of a message that did not parse (stage ``parse``)."""
+        extra = {**coords(src), "kind": err.kind, **self._text(raw)}
+        log.warning(
+            "dead letter %s (%s): %s", src.idempotency_key, err.kind, err.reason, extra=extra
+        )
+        value = dead_letter_record(src, raw, kind=err.kind, reason=err.reason, stage="parse")
+        return Outcome(src, self.settings.output.dlq_topic, value, received, kind=err.kind)
+
+    async def answer(self, routed: Routed) -> Outcome:
+        """The outcome of one routed query: the LLM's answer, the decision alone, or the dead
+        letter of an LLM call that failed."""
+        endpoint = self.endpoint_of(routed)
+        response: dict[str, Any] | None = None
+        llm_model = None
+        timings = routed.timings
+        if endpoint is not None:
+            t0 = time.perf_counter()
+            try:
+                with self._observer.tracer.span(
+                    f"llm {endpoint}", {"semroute.endpoint": endpoint}, kind="client"
+                ):
+                    result = await self._call(routed)
+            except LLMError as err:
+                return self._llm_failed(routed, endpoint, err)
+            finally:
+                seconds = time.perf_counter() - t0
+                self._observer.metrics.llm_seconds.labels(endpoint).observe(seconds)
+            timings["llm"] = (time.perf_counter() - t0) * 1000
+            llm_model = result.model
+            response = {
+                "content": result.content,
+                "finish_reason": result.finish_reason,
+                "usage": result.usage,
+                "attempts": result.attempts,
+            }
+        timings["total"] = (time.time() - routed.received) * 1000
+        value = outcome_record(
+            routed.src,
+            routed.query,
+            decision=routed.decision,
+            endpoint=endpoint,
+            llm_model=llm_model,
+            response=response,
+            timings_ms=timings,
+        )
+        topic = self.settings.output.topic_for(routed.route)
+        return Outcome(
+            routed.src, topic, value, routed.received, routed.route, fallback=routed.is_fallback
+        )
+
+    def _llm_failed(self, routed: Routed, endpoint: str, err: LLMError) -> Outcome:
+        src = routed.src
+        extra = {
+            **coords(src),
+            "kind": err.kind,
+            "route": routed.route,
+            "endpoint": endpoint,
+            **self._text(routed.query.text),
+        }
+        log.warning(
+            "dead letter %s (%s): %s",
+            src.idempotency_key,
+            err.kind,
+            self._loggable(err),
+            extra=extra,
+        )
+        value = dead_letter_record(
+            src,
+            routed.raw,
+            kind=err.kind,
+            reason=str(err),
+            stage="llm",
+            query=routed.query,
+            decision=routed.decision,
+            endpoint=endpoint,
+        )
+        dlq = self.settings.output.dlq_topic
+        return Outcome(src, dlq, value, routed.received, routed.route, kind=err.kind)
+
+    async def _call(self, routed: Routed) -> LLMResult:
+        """One LLM call; while the endpoint's breaker is open, wait for it rather than fail.
+
+        A call whose retries ran out goes to the DLQ while the endpoint is otherwise healthy
+        (breaker closed); once the breaker has opened (an outage), it waits for the endpoint
+        like every other call. The wait is bounded by ``flow.circuit_open_max_wait_s``.
+        """
+        assert self.llm is not None and routed.target is not None
+        target = routed.target
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.flow.circuit_open_max_wait_s
+        while True:
+            try:
+                return await self.llm.complete(
+                    target.endpoint,
+                    routed.query.text,
+                    system_prompt=target.system_prompt,
+                    model=target.model,
+                    idempotency_key=routed.src.idempotency_key,
+                )
+            except CircuitOpenError as err:
+                wait = min(max(err.retry_after, 0.05), deadline - loop.time())
+                if wait <= 0:
+                    raise  # on shutdown the drain timeout cancels us first: redelivered
+                await asyncio.sleep(wait)
+            except LLMRetryableError:
+                outage = self.llm.breaker_state(target.endpoint) != "closed"
+                if not outage or loop.time() >= deadline:
+                    raise
+
+    def _text(self, value: bytes | str | None) -> dict[str, str]:
+        """``{"text": ...}`` for a log line's extras, only when the config allows message text."""
+        if value is None or not self.settings.logging.log_message_text:
+            return {}
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        return {"text": text[:_LOGGED_TEXT_CHARS]}
+
+    def _loggable(self, err: LLMError) -> str:
+        """The error for a log line: a permanent error's response body may echo the message."""
+        if isinstance(err, LLMPermanentError) and not self.settings.logging.log_message_text:
+            status = f"HTTP {err.status}" if err.status else "no status"
+            return f"{err.endpoint}: rejected ({status}; the response is in the dead letter)"
+        return str(err)
