@@ -428,7 +428,9 @@ async def latency_section(
 # LLM mode
 
 
-def balanced_llm_texts(encoder: Encoder, settings: Settings, n: int) -> tuple[list[str], dict]:
+def balanced_llm_texts(
+    encoder: Encoder, settings: Settings, n: int
+) -> tuple[list[str], dict[str, Any]]:
     """``n`` texts whose endpoints come in proportion to the endpoints' max_concurrency.
 
     Candidates: the bundled example tickets and the CLINC150 dev queries, routed once here with

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -137,10 +138,10 @@ def settings_yaml(settings: Settings, path: Path) -> Path:
 async def produce(
     bootstrap: str,
     topic: str,
-    values: list[bytes | None],
+    values: Sequence[bytes | None],
     *,
-    keys: list[bytes | None] | None = None,
-    headers: list[list[tuple[str, bytes]]] | None = None,
+    keys: Sequence[bytes | None] | None = None,
+    headers: Sequence[list[tuple[str, bytes]]] | None = None,
     partition: int | None = None,
 ) -> list[tuple[int, int]]:
     """Produce and return the (partition, offset) of each message."""

@@ -46,7 +46,7 @@ ROUTES = {
     ],
 }
 
-LABELLED = [
+LABELLED: list[dict[str, str | None]] = [
     {"text": "my card was charged twice", "label": "billing"},
     {"text": "wrong amount on the invoice", "label": "billing"},
     {"text": "parcel delivery is late", "label": "shipping"},

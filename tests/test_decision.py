@@ -275,7 +275,7 @@ def test_route_table_rejects_inconsistent_input() -> None:
         "utterance_embeddings": np.eye(2, dtype=np.float32),
     }
     RouteTable(**good)  # type: ignore[arg-type]
-    bad_cases = [
+    bad_cases: list[dict[str, object]] = [
         {"method": "nope"},
         {"thresholds": np.array([0.5])},
         {"utterance_route": np.array([1, 0])},

@@ -64,7 +64,7 @@ async def _dispatch(pipeline: Pipeline, values: list[bytes | None]) -> None:
 
 async def test_every_input_gets_exactly_one_outcome(tmp_path: Path) -> None:
     pipeline, outbox = _pipeline(tmp_path)
-    good = [query_message(text, f"q{i}") for i, (text, _) in enumerate(QUERIES)]
+    good: list[bytes | None] = [query_message(text, f"q{i}") for i, (text, _) in enumerate(QUERIES)]
     bad = [value for value, _ in BAD_INPUTS]
     await _dispatch(pipeline, good + bad)
 
@@ -95,7 +95,7 @@ async def test_llm_answers_and_rejections_leave_by_the_same_path(tmp_path: Path)
     def handler(request: httpx.Request) -> httpx.Response:
         body = orjson.loads(request.content)
         if "refund" in body["messages"][-1]["content"]:
-            return httpx.Response(401, json={"error": {"message": "bad key"}})
+            return httpx.Response(400, json={"error": {"message": "bad request"}})
         answer = {"role": "assistant", "content": f"answer from {body['model']}"}
         return httpx.Response(
             200,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -134,7 +135,8 @@ def test_fit_repairs_a_bad_default_threshold() -> None:
     # any default threshold in (.40, .70] is perfect; .95 rejects everything.
     cfg = two_routes(default_threshold=0.95)
     table = compile_table(cfg, E[:2])
-    rows, labels = [], []
+    rows: list[np.ndarray] = []
+    labels: list[str | None] = []
     slot = iter(range(2, DIM))
     for route, name in ((0, "a"), (1, "b")):
         for c in (0.70, 0.75, 0.80, 0.90):
@@ -148,6 +150,7 @@ def test_fit_repairs_a_bad_default_threshold() -> None:
     assert before["overall_accuracy"] == pytest.approx(6 / 14, abs=1e-6)
 
     fitted = fit_thresholds(cfg, table, queries, labels)
+    assert fitted.default_threshold is not None
     assert 0.40 < fitted.default_threshold <= 0.70
     assert [route.threshold for route in fitted.routes] == [None, None]
     after = evaluate(compile_table(fitted, E[:2]), queries, labels)
@@ -161,7 +164,8 @@ def test_fit_sets_per_route_thresholds_where_one_global_threshold_cannot_do() ->
     # No single threshold gets everything; a in (.70, .80] and b in (.30, .50] do.
     cfg = two_routes(default_threshold=0.5)
     table = compile_table(cfg, E[:2])
-    rows, labels = [], []
+    rows: list[np.ndarray] = []
+    labels: list[str | None] = []
     slot = iter(range(2, DIM))
     cases = {
         (0, "a"): (0.80, 0.82, 0.84, 0.86, 0.88, 0.90),
@@ -417,7 +421,7 @@ def _cli_files(tmp_path: Path) -> dict[str, Path]:
             for name, words in TOPICS.items()
         ],
     }
-    rows = [
+    rows: list[dict[str, str | None]] = [
         {"text": " ".join(rng.choice(words, size=2, replace=False)), "label": name}
         for name, words in TOPICS.items()
         for _ in range(6)
@@ -441,7 +445,7 @@ def fake_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any]]:
     import json
 
     from semroute_stream._cli import app as _cli

@@ -9,10 +9,12 @@ import asyncio
 import inspect
 import uuid
 from collections.abc import Iterable
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.structs import RecordMetadata
 from kafka_local import LocalKafka
 
 pytestmark = pytest.mark.kafka
@@ -51,7 +53,9 @@ async def _consumer(bootstrap: str, *topics: str, **kwargs: object) -> AIOKafkaC
     return consumer
 
 
-async def _produce(bootstrap: str, topic: str, values: list[bytes], **kwargs: object) -> list:
+async def _produce(
+    bootstrap: str, topic: str, values: list[bytes], **kwargs: object
+) -> list[RecordMetadata]:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **kwargs)
     await producer.start()
     try:
@@ -75,7 +79,9 @@ async def test_aiokafka_defaults_as_documented() -> None:
     assert idem._sender._acks == -1
 
 
-async def test_idempotent_produce_manual_commit_and_resume(kafka_bootstrap, new_topic) -> None:
+async def test_idempotent_produce_manual_commit_and_resume(
+    kafka_bootstrap: str, new_topic: Any
+) -> None:
     topic = await new_topic(partitions=3)
     tps = [TopicPartition(topic, p) for p in range(3)]
     values = [f"msg-{i:03d}".encode() for i in range(90)]
@@ -134,7 +140,7 @@ async def test_idempotent_produce_manual_commit_and_resume(kafka_bootstrap, new_
 
 
 async def test_default_consumer_starts_at_latest_and_autocommits(
-    kafka_bootstrap, new_topic
+    kafka_bootstrap: str, new_topic: Any
 ) -> None:
     topic = await new_topic(partitions=1)
     tp = TopicPartition(topic, 0)
@@ -155,7 +161,9 @@ async def test_default_consumer_starts_at_latest_and_autocommits(
         await c2.stop()
 
 
-async def test_transaction_with_offsets_commits_atomically(kafka_bootstrap, new_topic) -> None:
+async def test_transaction_with_offsets_commits_atomically(
+    kafka_bootstrap: str, new_topic: Any
+) -> None:
     src, dst = await new_topic(partitions=1), await new_topic(partitions=1)
     src_tp, dst_tp = TopicPartition(src, 0), TopicPartition(dst, 0)
     await _produce(kafka_bootstrap, src, [f"in-{i}".encode() for i in range(10)], acks="all")
@@ -219,7 +227,7 @@ async def test_transaction_with_offsets_commits_atomically(kafka_bootstrap, new_
 
 @pytest.mark.slow
 async def test_data_and_offsets_survive_a_broker_crash(
-    kafka_bootstrap, local_kafka: LocalKafka, new_topic
+    kafka_bootstrap: str, local_kafka: LocalKafka, new_topic: Any
 ) -> None:
     """SIGKILL the local broker, restart it on its kept data: acked records and committed
     offsets are still there."""

@@ -14,6 +14,7 @@ import pytest
 
 from semroute_stream import _model_build as mb
 from semroute_stream._errors import ModelError
+from semroute_stream._files import default_cache_root
 
 
 @pytest.fixture(scope="session")
@@ -197,12 +198,12 @@ def test_missing_package_tells_how_to_install(
 def test_default_cache_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("SEMROUTE_CACHE_DIR", str(tmp_path / "explicit"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert mb.default_cache_root() == tmp_path / "explicit"
+    assert default_cache_root() == tmp_path / "explicit"
     monkeypatch.delenv("SEMROUTE_CACHE_DIR")
-    assert mb.default_cache_root() == tmp_path / "xdg" / "semroute-stream"
+    assert default_cache_root() == tmp_path / "xdg" / "semroute-stream"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert mb.default_cache_root() == tmp_path / "home" / ".cache" / "semroute-stream"
+    assert default_cache_root() == tmp_path / "home" / ".cache" / "semroute-stream"
 
 
 def test_unwritable_cache_raises(tmp_path: Path) -> None:

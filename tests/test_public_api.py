@@ -25,6 +25,7 @@ def test_public_names_are_exactly_all() -> None:
 
 def test_exception_hierarchy() -> None:
     s = semroute_stream
+    exc: type[Exception]
     for exc in (s.ConfigError, s.ModelError, s.InputError, s.LLMError):
         assert issubclass(exc, s.SemrouteError)
     for exc in (s.LLMRetryableError, s.LLMPermanentError, s.CircuitOpenError):
