@@ -8,11 +8,15 @@ SemrouteError                 base of everything below
 └── LLMError                  a call to an OpenAI-compatible endpoint failed
     ├── LLMRetryableError     429, 5xx, timeouts and connection errors (retried with backoff)
     ├── LLMPermanentError     other 4xx and malformed responses (never retried)
+    │   └── LLMMisconfiguredError  401/403/404 or a 200 that is not a chat completion: the
+    │                              endpoint, not the message, is wrong (the endpoint pauses)
     └── CircuitOpenError      the endpoint's circuit breaker is open
 
 Every message that cannot be answered ends as one dead letter whose ``error.kind`` is one of
-:data:`ERROR_KINDS`: an :class:`InputError`'s ``kind`` (stage ``parse``) or an
-:class:`LLMError`'s class-level ``kind`` (stage ``llm``).
+:data:`ERROR_KINDS`: an :class:`InputError`'s ``kind`` (stage ``parse``), an
+:class:`LLMError`'s class-level ``kind`` (stage ``llm``), or one of
+:data:`HANDLING_ERROR_KINDS` (stage ``handle`` or ``publish``): whatever fails while one message
+is handled ends in that message's dead letter, never in a crash.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ from typing import ClassVar
 
 __all__ = [
     "ERROR_KINDS",
+    "HANDLING_ERROR_KINDS",
     "INPUT_ERROR_KINDS",
     "LLM_ERROR_KINDS",
     "CircuitOpenError",
     "ConfigError",
     "InputError",
     "LLMError",
+    "LLMMisconfiguredError",
     "LLMPermanentError",
     "LLMRetryableError",
     "ModelError",
@@ -43,11 +49,18 @@ INPUT_ERROR_KINDS = (
     "missing_text",
     "text_not_string",
     "empty_text",
+    "too_deep",
+    "oversized_key",
+    "too_many_headers",
+    "oversized_headers",
 )
 #: ``LLMError.kind`` values (stage ``llm``).
-LLM_ERROR_KINDS = ("llm_rejected", "llm_retries_exhausted", "llm_circuit_open")
+LLM_ERROR_KINDS = ("llm_rejected", "llm_retries_exhausted", "llm_circuit_open", "llm_misconfigured")
+#: A bug or an unexpected failure while one message was handled (stage ``handle``), and an
+#: outcome the broker refused as a record (stage ``publish``; its dead letter is minimal).
+HANDLING_ERROR_KINDS = ("internal_error", "unpublishable")
 #: Every dead letter's ``error.kind``: the one list (metrics pre-create a series per kind).
-ERROR_KINDS = INPUT_ERROR_KINDS + LLM_ERROR_KINDS
+ERROR_KINDS = INPUT_ERROR_KINDS + LLM_ERROR_KINDS + HANDLING_ERROR_KINDS
 
 
 class SemrouteError(Exception):
@@ -73,8 +86,7 @@ class ModelError(SemrouteError):
 class InputError(SemrouteError):
     """One input message cannot be routed.
 
-    ``kind`` is one of: ``null_value``, ``oversized``, ``invalid_utf8``, ``invalid_json``,
-    ``not_an_object``, ``missing_text``, ``text_not_string``, ``empty_text``.
+    ``kind`` is one of :data:`INPUT_ERROR_KINDS`.
     """
 
     def __init__(self, kind: str, reason: str) -> None:
@@ -116,6 +128,14 @@ class LLMRetryableError(LLMError):
 
 class LLMPermanentError(LLMError):
     """A failure that retrying will not fix: 4xx other than 429, or a malformed response."""
+
+
+class LLMMisconfiguredError(LLMPermanentError):
+    """The endpoint is set up wrong (401/403/404, or a 200 that is not a chat completion): no
+    message can succeed there until someone fixes it, so the endpoint pauses instead of
+    dead-lettering every message."""
+
+    kind: ClassVar[str] = "llm_misconfigured"
 
 
 class CircuitOpenError(LLMError):

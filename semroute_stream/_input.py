@@ -12,7 +12,7 @@ import orjson
 
 from ._errors import InputError
 
-__all__ = ["Query", "parse_input"]
+__all__ = ["Query", "check_envelope", "json_deeper_than", "parse_input"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ def parse_input(
     id_field: str,
     max_bytes: int,
     max_chars: int,
+    max_depth: int = 64,
 ) -> Query:
     """Validate one message value. Raises :class:`InputError` on anything unroutable."""
     if value is None:
@@ -53,6 +54,10 @@ def parse_input(
             payload = orjson.loads(value)
         except orjson.JSONDecodeError as exc:
             raise InputError("invalid_json", f"not valid JSON: {exc}") from exc
+        if json_deeper_than(value, payload, max_depth):
+            raise InputError(
+                "too_deep", f"the JSON nests deeper than {max_depth} levels (input.max_json_depth)"
+            )
         if not isinstance(payload, dict):
             raise InputError(
                 "not_an_object", f"expected a JSON object, got {type(payload).__name__}"
@@ -74,3 +79,49 @@ def parse_input(
             "oversized", f"the text is {len(text)} characters; the limit is {max_chars}"
         )
     return Query(text=text, id=ident, payload=payload)
+
+
+def json_deeper_than(raw: bytes, parsed: Any, limit: int) -> bool:
+    """Whether ``parsed`` (the JSON document ``raw``) nests more than ``limit`` levels deep.
+
+    A scalar is depth 0, ``{}`` or ``[]`` depth 1. The outcome record embeds the input a few
+    levels down, and orjson writes at most 254 levels, so the limit is checked at parse time
+    (a record that parses must also be writable). Cheap for ordinary messages: a document
+    with fewer brackets than ``limit`` is never walked.
+    """
+    if raw.count(b"{") + raw.count(b"[") <= limit:
+        return False
+    stack: list[tuple[Any, int]] = [(parsed, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+def check_envelope(
+    key: bytes | None,
+    headers: tuple[tuple[str, bytes], ...],
+    *,
+    max_key_bytes: int,
+    max_headers: int,
+    max_header_bytes: int,
+) -> None:
+    """Validate a message's key and headers (outcomes copy them). Raises :class:`InputError`."""
+    if key is not None and len(key) > max_key_bytes:
+        raise InputError(
+            "oversized_key", f"the key is {len(key)} bytes; the limit is {max_key_bytes}"
+        )
+    if len(headers) > max_headers:
+        count = len(headers)
+        raise InputError(
+            "too_many_headers", f"the message has {count} headers; the limit is {max_headers}"
+        )
+    size = sum(len(k.encode("utf-8", "surrogateescape")) + len(v or b"") for k, v in headers)
+    if size > max_header_bytes:
+        raise InputError(
+            "oversized_headers",
+            f"the headers are {size} bytes in all; the limit is {max_header_bytes}",
+        )

@@ -476,7 +476,7 @@ async def test_cancelled_trial_frees_the_trial_slot() -> None:
 
 
 async def test_permanent_errors_do_not_open_the_circuit() -> None:
-    recorder = Recorder(httpx.Response(404))
+    recorder = Recorder(httpx.Response(400))
     async with make_pool(recorder, circuit_failure_threshold=1) as pool:
         for _ in range(3):
             with pytest.raises(LLMPermanentError):

@@ -35,6 +35,7 @@ from .llm import LLMPool, resolve_api_keys
 from .observe import HttpServer, Observer, RunStats
 from .pipeline import Pipeline
 from .settings import Settings
+from .topics import check_topic_names, ensure_output_topics, output_topics
 from .tracing import make_tracer
 from .transactions import PartitionTransactions
 from .worker import Worker, route_targets
@@ -89,6 +90,7 @@ async def open_service(
     on exit.
     """
     routes = load_routes(settings.routes)
+    check_topic_names(routes, settings)
     llm_mode = settings.mode == "llm"
     targets = route_targets(routes, settings) if llm_mode else {}
     api_keys = resolve_api_keys(settings.endpoints) if llm_mode else {}
@@ -98,7 +100,7 @@ async def open_service(
     consumer = make_consumer(settings, group_id=group_id)
     exactly_once = settings.delivery == "exactly_once" and sink is None
     producer = make_producer(settings) if sink is None and not exactly_once else None
-    send = producer_send(producer) if producer is not None else sink
+    send = producer_send(producer, observer) if producer is not None else sink
     outbox = _outbox(settings, consumer, observer, send, group_id)
     llm = (
         LLMPool(settings.endpoints, transport=llm_transport, api_keys=api_keys)
@@ -106,6 +108,8 @@ async def open_service(
         else None
     )
     worker = Worker(settings, llm, observer)
+    if sink is None:  # outputs on the broker: they exist (or are made) and bound the records
+        worker.record_limit = await ensure_output_topics(settings, output_topics(routes, settings))
     pipeline = Pipeline(
         settings, router, consumer, outbox, worker, targets=targets, observer=observer
     )

@@ -24,8 +24,16 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from aiokafka import TopicPartition
-from aiokafka.errors import KafkaError, KafkaTimeoutError
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import (
+    CorruptRecordException,
+    InvalidTopicError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+)
 from aiokafka.structs import OffsetAndMetadata
 
 from .observe import Observer
@@ -35,6 +43,7 @@ from .transactions import PartitionFenced, PartitionTransactions
 
 __all__ = [
     "CLIENT_STOP_S",
+    "RECORD_ERRORS",
     "AtLeastOnceOutbox",
     "CommitTracker",
     "ExactlyOnceOutbox",
@@ -244,27 +253,51 @@ class _Committing:
 # ---- at-least-once ----------------------------------------------------------------------------
 
 
-def producer_send(producer: object) -> Send:
-    """A :data:`Send` through an ``AIOKafkaProducer``: retriable broker errors are retried
-    without end (the offset stays unfinished meanwhile, so nothing is committed past it)."""
+#: Errors about one record (its size, its bytes, its topic's name): that outcome is replaced by
+#: a minimal dead letter. Every other non-retriable error is the platform's (authorisation,
+#: timestamps...): the send is retried until it works, visibly (:attr:`Observer.platform_failure`).
+RECORD_ERRORS: tuple[type[KafkaError], ...] = (
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    RecordListTooLargeError,
+    CorruptRecordException,
+    InvalidTopicError,
+)
+
+
+def producer_send(producer: AIOKafkaProducer, observer: Observer | None = None) -> Send:
+    """A :data:`Send` through an ``AIOKafkaProducer``. Retriable broker errors are retried
+    without end (the offset stays unfinished meanwhile, so nothing is committed past it);
+    :data:`RECORD_ERRORS` are raised; platform errors are retried too, reported to
+    ``observer`` while they last."""
+    watcher = observer or Observer()
 
     async def send(record: OutRecord) -> None:
         delay = 0.1
         while True:
             try:
-                fut = await producer.send(  # type: ignore[attr-defined]
-                    record.topic, record.value, key=record.key, headers=record.headers
+                fut = await producer.send(
+                    record.topic,
+                    record.value,
+                    key=record.key,
+                    headers=record.headers,
+                    timestamp_ms=record.timestamp_ms,
                 )
                 await fut
+                if watcher.platform_failure is not None:
+                    watcher.platform_failing(None)
                 return
+            except RECORD_ERRORS:
+                raise
             except (KafkaTimeoutError, KafkaError) as err:
                 if not (isinstance(err, KafkaTimeoutError) or getattr(err, "retriable", False)):
-                    raise
+                    watcher.platform_failing(f"writes to {record.topic} refused: {err!r}")
+                    delay = max(delay, 1.0)
                 log.warning(
                     "publish to %s failed (%r); retrying in %.1fs", record.topic, err, delay
                 )
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, 30.0 if watcher.platform_failure else 5.0)
 
     return send
 

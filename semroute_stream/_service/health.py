@@ -15,7 +15,15 @@ from typing import Protocol
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from .observe import CIRCUIT_STATES, Handler, HttpServer, Metrics, Response, metrics_response
+from .observe import (
+    CIRCUIT_STATES,
+    Handler,
+    HttpServer,
+    Metrics,
+    Observer,
+    Response,
+    metrics_response,
+)
 from .settings import Settings
 from .worker import Worker
 
@@ -52,6 +60,8 @@ class PipelineView(Protocol):
     def worker(self) -> Worker: ...
     @property
     def metrics(self) -> Metrics: ...
+    @property
+    def observer(self) -> Observer: ...
 
 
 class Health:
@@ -92,6 +102,12 @@ class Health:
         p, act = self._p, self._p.activity
         if p.stopping:
             return False, "draining"
+        if p.observer.platform_failure is not None:
+            return False, f"platform failure: {p.observer.platform_failure}"
+        broken = p.worker.llm.misconfigured() if p.worker.llm is not None else {}
+        if broken:
+            name, why = sorted(broken.items())[0]
+            return False, f"LLM endpoint {name} misconfigured (its messages wait): {why}"
         if act.assigned_at is None:
             return False, "waiting for the group to assign partitions"
         now = time.time()
@@ -125,7 +141,9 @@ class Health:
         m.paused.set(1 if p.paused else 0)
         llm = p.worker.llm
         if llm is not None:
+            broken = llm.misconfigured()
             for endpoint in llm.endpoints:
+                m.endpoint_misconfigured.labels(endpoint).set(1 if endpoint in broken else 0)
                 m.endpoint_in_flight.labels(endpoint).set(p.worker.endpoint_load[endpoint])
                 m.circuit_state.labels(endpoint).set(CIRCUIT_STATES[llm.breaker_state(endpoint)])
         lags = await self.lags()

@@ -29,6 +29,7 @@ def connection_kwargs(cfg: KafkaConfig) -> dict[str, Any]:
         "bootstrap_servers": cfg.bootstrap_servers,
         "client_id": cfg.client_id,
         "security_protocol": cfg.security_protocol,
+        "metadata_max_age_ms": cfg.metadata_max_age_ms,
     }
     if cfg.security_protocol in ("SSL", "SASL_SSL"):
         context: ssl.SSLContext = create_ssl_context(

@@ -38,14 +38,17 @@ from types import TracebackType
 from typing import Any, Self
 
 import httpx
+import orjson
 import pydantic
 
 from .._errors import (
     CircuitOpenError,
     ConfigError,
+    LLMMisconfiguredError,
     LLMPermanentError,
     LLMRetryableError,
 )
+from .._input import json_deeper_than
 
 __all__ = ["EndpointConfig", "LLMPool", "LLMResult", "resolve_api_keys"]
 
@@ -72,6 +75,11 @@ class EndpointConfig(pydantic.BaseModel):
     backoff_max_s: float = pydantic.Field(default=10.0, ge=0.0)
     circuit_failure_threshold: int = pydantic.Field(default=5, ge=1)
     circuit_reset_s: float = pydantic.Field(default=30.0, ge=0.0)
+    #: Total time one attempt may take, body included (``timeout_s`` bounds each read only: a
+    #: server that trickles a byte a second would never hit it).
+    deadline_s: float = pydantic.Field(default=120.0, gt=0.0)
+    #: Largest response body read; a larger one is rejected (the outcome must stay writable).
+    max_response_bytes: int = pydantic.Field(default=512 * 1024, ge=1024)
     extra_headers: dict[str, str] = pydantic.Field(default_factory=dict)
 
     @pydantic.field_validator("base_url")
@@ -164,6 +172,11 @@ class _Breaker:
     def end_trial(self) -> None:
         self._trial_running = False
 
+    def trip(self) -> None:
+        """Open now, whatever the count (the endpoint is misconfigured)."""
+        self._failures = self._threshold
+        self._opened_at = self._clock()
+
     def record(self, *, ok: bool) -> bool:
         """Record a call's outcome; returns True when this opened (or reopened) the breaker."""
         if ok:
@@ -187,6 +200,7 @@ class _Endpoint:
     semaphore: asyncio.Semaphore
     breaker: _Breaker
     in_flight: int = 0
+    misconfigured: str | None = None  # why, while the endpoint answers 401/403/404 or garbage
 
 
 class LLMPool:
@@ -298,6 +312,17 @@ class LLMPool:
         except LLMRetryableError:
             self._record(ep, ok=False)
             raise
+        except LLMMisconfiguredError as err:
+            if ep.misconfigured is None:
+                log.error(
+                    "LLM endpoint %s is misconfigured, paused for %.1fs at a time: %s",
+                    ep.name,
+                    ep.config.circuit_reset_s,
+                    err,
+                )
+            ep.misconfigured = str(err).removeprefix(f"{ep.name}: ")
+            ep.breaker.trip()
+            raise
         except LLMPermanentError:
             self._record(ep, ok=True)
             raise
@@ -306,7 +331,14 @@ class LLMPool:
             if is_trial:
                 ep.breaker.end_trial()
         self._record(ep, ok=True)
+        if ep.misconfigured is not None:
+            log.warning("LLM endpoint %s answers again", ep.name)
+            ep.misconfigured = None
         return result
+
+    def misconfigured(self) -> dict[str, str]:
+        """The endpoints that answered 401/403/404 or not a chat completion, and why."""
+        return {name: ep.misconfigured for name, ep in self._endpoints.items() if ep.misconfigured}
 
     def _get(self, endpoint: str) -> _Endpoint:
         try:
@@ -332,10 +364,11 @@ class LLMPool:
         reason = ""
         for attempt in range(1, config.max_attempts + 1):
             try:
-                async with ep.semaphore:
-                    response = await self._client.post(
-                        ep.url, json=payload, headers=headers, timeout=config.timeout_s
-                    )
+                async with ep.semaphore, asyncio.timeout(config.deadline_s):
+                    response, body = await self._post(ep, payload, headers)
+            except TimeoutError:
+                status, retry_after = None, None
+                reason = f"no complete answer within deadline_s={config.deadline_s:g}"
             except httpx.TransportError as exc:
                 status, retry_after, reason = None, None, _describe(exc)
             except httpx.HTTPError as exc:  # e.g. a body that fails to decompress
@@ -344,7 +377,12 @@ class LLMPool:
                 if response.status_code != 429 and response.status_code < 500:
                     latency = self._clock() - started
                     return _parse(
-                        ep, response, model=payload["model"], attempt=attempt, latency_s=latency
+                        ep,
+                        response.status_code,
+                        body,
+                        model=payload["model"],
+                        attempt=attempt,
+                        latency_s=latency,
                     )
                 status = response.status_code
                 retry_after = _parse_retry_after(response.headers.get("Retry-After"), time.time())
@@ -366,6 +404,31 @@ class LLMPool:
             retry_after=retry_after,
         )
 
+    async def _post(
+        self, ep: _Endpoint, payload: dict[str, Any], headers: dict[str, str]
+    ) -> tuple[httpx.Response, bytes]:
+        """POST and read the body, at most ``max_response_bytes`` of it."""
+        limit = ep.config.max_response_bytes
+        request = self._client.build_request(
+            "POST", ep.url, json=payload, headers=headers, timeout=ep.config.timeout_s
+        )
+        response = await self._client.send(request, stream=True)
+        try:
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > limit:
+                    raise LLMPermanentError(
+                        f"response larger than max_response_bytes={limit}",
+                        endpoint=ep.name,
+                        status=response.status_code,
+                    )
+                chunks.append(chunk)
+        finally:
+            await response.aclose()
+        return response, b"".join(chunks)
+
     def _backoff(self, config: EndpointConfig, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
             return min(retry_after, config.backoff_max_s)
@@ -373,40 +436,61 @@ class LLMPool:
         return self._rand() * ceiling
 
 
+_MISCONFIGURED = {401: "unauthorised", 403: "forbidden", 404: "not found"}
+_USAGE_DEPTH = 8
+
+
 def _parse(
-    ep: _Endpoint, response: httpx.Response, *, model: str, attempt: int, latency_s: float
+    ep: _Endpoint,
+    status: int,
+    raw: bytes,
+    *,
+    model: str,
+    attempt: int,
+    latency_s: float,
 ) -> LLMResult:
-    """Turn a non-retryable response into a result, or raise ``LLMPermanentError``.
+    """Turn a non-retryable response into a result, or raise ``LLMPermanentError``
+    (``LLMMisconfiguredError`` for 401/403/404 and a 200 that is not a chat completion).
 
     ``model`` is the one requested; the result reports the one the server says it used, if any.
     """
-    status = response.status_code
+    text = raw.decode("utf-8", "replace")
+    if status in _MISCONFIGURED:
+        raise LLMMisconfiguredError(
+            f"HTTP {status} ({_MISCONFIGURED[status]}): {_excerpt(text, ep.api_key)}",
+            endpoint=ep.name,
+            status=status,
+        )
     if not 200 <= status < 300:
         raise LLMPermanentError(
-            f"HTTP {status}: {_excerpt(response.text, ep.api_key)}", endpoint=ep.name, status=status
+            f"HTTP {status}: {_excerpt(text, ep.api_key)}", endpoint=ep.name, status=status
         )
-    malformed = LLMPermanentError(
-        f"malformed response: {_excerpt(response.text, ep.api_key)}",
+    malformed = LLMMisconfiguredError(
+        f"malformed response (not a chat completion): {_excerpt(text, ep.api_key)}",
         endpoint=ep.name,
         status=status,
     )
     try:
-        body = response.json()
+        body = orjson.loads(raw)  # a limit of its own on nesting (no RecursionError)
         choice = body["choices"][0]
         content = choice["message"].get("content")
         finish_reason = choice.get("finish_reason")
-    except (ValueError, LookupError, TypeError, AttributeError):
+    except (orjson.JSONDecodeError, LookupError, TypeError, AttributeError):
         raise malformed from None
     if not isinstance(content, str | None) or not isinstance(finish_reason, str | None):
         raise malformed
     usage = body.get("usage")
+    if not isinstance(usage, dict):
+        usage = {}
+    elif json_deeper_than(raw, usage, _USAGE_DEPTH):
+        usage = {"dropped": f"nested deeper than {_USAGE_DEPTH} levels"}
     served = body.get("model")
     return LLMResult(
         endpoint=ep.name,
         model=served if isinstance(served, str) else model,
         content=content or "",
         finish_reason=finish_reason,
-        usage=usage if isinstance(usage, dict) else {},
+        usage=usage,
         attempts=attempt,
         latency_s=latency_s,
         http_status=status,

@@ -121,6 +121,17 @@ class Metrics:
             ["topic", "partition"],
             registry=r,
         )
+        self.platform_failure = Gauge(
+            "semroute_platform_failure",
+            "1 while the broker refuses our writes (authorisation, timestamps...): see /readyz.",
+            registry=r,
+        )
+        self.endpoint_misconfigured = Gauge(
+            "semroute_llm_endpoint_misconfigured",
+            "1 while an LLM endpoint answers 401/403/404 or not a chat completion.",
+            ["endpoint"],
+            registry=r,
+        )
         self.routes = Info("semroute_routes", "The routes version in use.", registry=r)
         self.reloads = Counter(
             "semroute_routes_reloads",
@@ -173,6 +184,17 @@ class Observer:
         self.metrics = metrics or Metrics()
         self.tracer = tracer or Tracer()
         self.stats = RunStats()
+        #: Why the broker refuses our writes (authorisation, timestamps, ...), while it does.
+        self.platform_failure: str | None = None
+
+    def platform_failing(self, reason: str | None) -> None:
+        """A write the broker refuses for reasons of the platform (None: it works again)."""
+        if reason is not None and self.platform_failure is None:
+            log.error("platform failure, outputs are stalled until it is fixed: %s", reason)
+        elif reason is None and self.platform_failure is not None:
+            log.warning("platform failure over: %s", self.platform_failure)
+        self.platform_failure = reason
+        self.metrics.platform_failure.set(0 if reason is None else 1)
 
     def published(self, outcome: Outcome) -> None:
         self.metrics.end_to_end_seconds.observe(time.time() - outcome.received)

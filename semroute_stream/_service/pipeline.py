@@ -24,10 +24,10 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from .._errors import InputError
-from .._input import Query, parse_input
+from .._input import Query, check_envelope, parse_input
 from .._routing.router import Router
 from .bounds import RunBounds
-from .delivery import Outbox
+from .delivery import RECORD_ERRORS, Outbox
 from .health import Activity, Health
 from .observe import HttpServer, Metrics, Observer, RunStats
 from .records import Outcome, Source, coords
@@ -330,6 +330,13 @@ class Pipeline:
             self.stats.consumed += 1
             self.metrics.consumed.inc()
             try:
+                check_envelope(
+                    src.key,
+                    src.headers,
+                    max_key_bytes=inp.max_key_bytes,
+                    max_headers=inp.max_headers,
+                    max_header_bytes=inp.max_header_bytes,
+                )
                 query = parse_input(
                     rec.value,
                     format=inp.format,
@@ -337,11 +344,11 @@ class Pipeline:
                     id_field=inp.id_field,
                     max_bytes=inp.max_message_bytes,
                     max_chars=inp.max_text_chars,
+                    max_depth=inp.max_json_depth,
                 )
             except InputError as err:
-                self._tasks.spawn(
-                    self._deliver(self.worker.rejected(src, rec.value, err, received)), src
-                )
+                outcome = self.worker.rejected(src, rec.value, err, received)
+                self._tasks.spawn(self._deliver(outcome), src)
                 continue
             good.append((src, query, rec))
         return good
@@ -394,11 +401,21 @@ class Pipeline:
         }
         span = self.observer.tracer.span(f"process {src.topic}", attributes, kind="consumer")
         with span, self.worker.occupying(routed):
-            await self._deliver(await self.worker.answer(routed))
+            try:
+                outcome = await self.worker.answer(routed)
+            except Exception as err:  # one message's failure is that message's dead letter
+                outcome = self.worker.failed(routed, err)
+            await self._deliver(outcome)
 
     async def _deliver(self, outcome: Outcome) -> None:
-        """The one way out for responses and dead letters alike."""
-        await self._outbox.publish(outcome)
+        """The one way out for responses and dead letters alike. An outcome the broker refuses
+        as a record (too large, an invalid topic) becomes a minimal dead letter instead."""
+        try:
+            await self._outbox.publish(outcome)
+        except RECORD_ERRORS as err:
+            if outcome.kind == "unpublishable":
+                raise  # even the minimal dead letter was refused: the DLQ itself is broken
+            await self._outbox.publish(self.worker.unpublishable(outcome, err))
         self.activity.last_finish = time.time()
         async with self._progress:
             self._progress.notify_all()

@@ -7,6 +7,7 @@ Pure functions over plain values: no Kafka, no I/O.
 from __future__ import annotations
 
 import base64
+import hashlib
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -18,13 +19,19 @@ from .._input import Query
 __all__ = [
     "DEAD_LETTER_SCHEMA",
     "OUTCOME_SCHEMA",
+    "RECORD_OVERHEAD_BYTES",
     "OutRecord",
     "Outcome",
+    "RecordTooLarge",
     "Source",
     "coords",
     "dead_letter_record",
+    "envelope_bytes",
     "outcome_record",
 ]
+
+#: Room left in a topic's ``max.message.bytes`` for the record batch framing.
+RECORD_OVERHEAD_BYTES = 512
 
 OUTCOME_SCHEMA = "semroute.outcome/1"
 DEAD_LETTER_SCHEMA = "semroute.dead_letter/1"
@@ -61,6 +68,7 @@ class OutRecord:
     value: bytes
     key: bytes | None
     headers: list[tuple[str, bytes]]
+    timestamp_ms: int | None = None  # None: the producer stamps it with this host's clock
 
 
 @dataclass(frozen=True)
@@ -74,14 +82,22 @@ class Outcome:
     route: str | None = None
     kind: str | None = None  # the dead letter's error kind
     fallback: bool = False
+    copy_envelope: bool = True  # False when the input's key or headers were the problem
+    timestamp_ms: int | None = None
 
     def record(self) -> OutRecord:
         """The record to write: the input's key and headers, plus status and route headers."""
-        headers = list(self.src.headers)
+        headers = list(self.src.headers) if self.copy_envelope else []
         headers.append(("semroute-status", b"error" if self.kind is not None else b"ok"))
         if self.route is not None:
             headers.append(("semroute-route", self.route.encode()))
-        return OutRecord(self.topic, self.value, self.src.key, headers)
+        key = self.src.key if self.copy_envelope else None
+        return OutRecord(self.topic, self.value, key, headers, self.timestamp_ms)
+
+
+def envelope_bytes(src: Source) -> int:
+    """What copying the input's key and headers adds to an output record."""
+    return len(src.key or b"") + sum(len(k) + len(v or b"") + 8 for k, v in src.headers)
 
 
 def _bytes_field(data: bytes | None) -> dict[str, str] | None:
@@ -94,11 +110,29 @@ def _bytes_field(data: bytes | None) -> dict[str, str] | None:
         return {"base64": base64.b64encode(data).decode("ascii")}
 
 
-def _source_fields(src: Source) -> dict[str, Any]:
+def _cut(data: bytes | None, **extra: Any) -> dict[str, Any]:
+    """What replaces a copied field that did not fit: its size and its sha256."""
+    data = data or b""
+    return {"cut": True, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), **extra}
+
+
+def _headers_bytes(headers: Headers) -> bytes:
+    return b"".join(
+        k.encode("utf-8", "surrogateescape") + b"\0" + (v or b"") + b"\0" for k, v in headers
+    )
+
+
+def _source_fields(src: Source, copy_envelope: bool) -> dict[str, Any]:
+    if copy_envelope:
+        key = _bytes_field(src.key)
+        headers: Any = [{"key": k, **(_bytes_field(v) or {})} for k, v in src.headers]
+    else:
+        key = None if src.key is None else _cut(src.key)
+        headers = _cut(_headers_bytes(src.headers), count=len(src.headers))
     return {
         "idempotency_key": src.idempotency_key,
-        "key": _bytes_field(src.key),
-        "headers": [{"key": k, **(_bytes_field(v) or {})} for k, v in src.headers],
+        "key": key,
+        "headers": headers,
         "source": {
             "topic": src.topic,
             "partition": src.partition,
@@ -106,6 +140,49 @@ def _source_fields(src: Source) -> dict[str, Any]:
             "timestamp_ms": src.timestamp_ms,
         },
     }
+
+
+def _dumps(record: dict[str, Any]) -> bytes:
+    return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _dumps_within(
+    record: dict[str, Any], limit: int | None, originals: dict[str, bytes | None]
+) -> bytes:
+    """``record`` as JSON of at most ``limit`` bytes: the copies of the input (headers, key,
+    the input itself) are replaced by :func:`_cut` markers, the largest first, until it fits;
+    the LLM's answer, which exists nowhere else, is cut last. ``truncated`` lists what was cut.
+    """
+    data = _dumps(record)
+    if limit is None or len(data) <= limit:
+        return data
+    cut: list[str] = []
+    record["truncated"] = cut
+    copies = [n for n in ("headers", "key", "input", "value") if n in originals and record.get(n)]
+    sizes = {n: len(_dumps({"x": record[n]})) for n in copies}
+    for name in sorted(copies, key=lambda n: -sizes[n]):  # the largest copy goes first
+        copied = record[name]
+        extra = {"count": len(copied)} if isinstance(copied, list) else {}
+        record[name] = _cut(originals[name], **extra)
+        cut.append(name)
+        data = _dumps(record)
+        if len(data) <= limit:
+            return data
+    response = record.get("response")
+    if isinstance(response, dict) and isinstance(response.get("content"), str):
+        content = response["content"].encode()
+        keep = max(0, len(content) - (len(data) - limit) - 256)
+        response["content"] = content[:keep].decode("utf-8", "ignore")
+        response["content_cut"] = _cut(content)
+        cut.append("response.content")
+        data = _dumps(record)
+    if len(data) > limit:
+        raise RecordTooLarge(f"{len(data)} bytes after cutting {cut}; the limit is {limit}")
+    return data
+
+
+class RecordTooLarge(ValueError):
+    """An outcome that cannot be cut to the limit (its decision alone is too large)."""
 
 
 def outcome_record(
@@ -117,13 +194,16 @@ def outcome_record(
     llm_model: str | None,
     response: dict[str, Any] | None,
     timings_ms: dict[str, float],
+    raw: bytes | None = None,
+    limit: int | None = None,
 ) -> bytes:
-    """The success record written to the responses topic, as JSON bytes."""
+    """The success record written to the responses topic, as JSON bytes of at most ``limit``
+    bytes (``raw``, the input's bytes, is what a cut input's sha256 is taken of)."""
     record: dict[str, Any] = {
         "schema": OUTCOME_SCHEMA,
         "status": "ok",
         "id": query.id,
-        **_source_fields(src),
+        **_source_fields(src, copy_envelope=True),
         "input": query.payload,
         "route": decision["route"],
         "is_fallback": decision["is_fallback"],
@@ -134,7 +214,11 @@ def outcome_record(
         "timings_ms": timings_ms,
         "processed_at_ms": int(time.time() * 1000),
     }
-    return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
+    originals = {"headers": _headers_bytes(src.headers), "key": src.key, "input": raw}
+    return _dumps_within(record, limit, originals)
+
+
+_REASON_CHARS = 2000
 
 
 def dead_letter_record(
@@ -143,23 +227,29 @@ def dead_letter_record(
     *,
     kind: str,
     reason: str,
-    stage: Literal["parse", "llm", "publish"],
+    stage: Literal["parse", "handle", "llm", "publish"],
     query: Query | None = None,
     decision: dict[str, Any] | None = None,
     endpoint: str | None = None,
     attempts: int | None = None,
+    limit: int | None = None,
+    copy_envelope: bool = True,
 ) -> bytes:
-    """The record written to the dead-letter topic, as JSON bytes. Keeps the original bytes."""
+    """The record written to the dead-letter topic, as JSON bytes of at most ``limit`` bytes.
+    Keeps the original bytes when they fit (else their size and sha256)."""
+    if len(reason) > _REASON_CHARS:
+        reason = reason[:_REASON_CHARS] + "…"
     record: dict[str, Any] = {
         "schema": DEAD_LETTER_SCHEMA,
         "status": "error",
         "error": {"kind": kind, "reason": reason, "stage": stage, "attempts": attempts},
         "id": query.id if query else None,
-        **_source_fields(src),
+        **_source_fields(src, copy_envelope),
         "value": _bytes_field(value),
         "route": decision["route"] if decision else None,
         "decision": decision,
         "endpoint": endpoint,
         "processed_at_ms": int(time.time() * 1000),
     }
-    return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
+    originals = {"headers": _headers_bytes(src.headers), "key": src.key, "value": value}
+    return _dumps_within(record, limit, originals)

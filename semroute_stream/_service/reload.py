@@ -17,6 +17,7 @@ from .._routing.router import Router
 from .._routing.schema import load_routes, routes_version
 from .observe import Metrics
 from .settings import Settings
+from .topics import check_topic_names, ensure_output_topics, output_topics
 from .worker import Target, route_targets
 
 __all__ = ["LiveRoutes"]
@@ -35,6 +36,7 @@ class LiveRoutes:
         *,
         llm: bool,
         metrics: Metrics,
+        on_broker: bool = True,
     ) -> None:
         self.settings = settings
         self.router = router
@@ -43,6 +45,7 @@ class LiveRoutes:
         #: revokes partitions); a swap takes it, so it happens between two batches.
         self.lock = asyncio.Lock()
         self._llm = llm
+        self._on_broker = on_broker  # outputs are topics (not a replay file): check them
         self._metrics = metrics
         self._wanted = asyncio.Event()
         self._stamp: tuple[int, int, int] | None = None
@@ -80,6 +83,9 @@ class LiveRoutes:
                 log.debug("routes file %s checked: version %s unchanged", path, version)
                 return False
             targets = route_targets(routes, self.settings) if self._llm else {}
+            check_topic_names(routes, self.settings)
+            if self.settings.output.per_route_topics and self._on_broker:
+                await ensure_output_topics(self.settings, output_topics(routes, self.settings))
             router = await asyncio.to_thread(Router, routes, self.router.encoder)
         except Exception as err:  # whatever is wrong with the new file, the service goes on
             self._metrics.reloads.labels("rejected").inc()

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +32,7 @@ __all__ = [
     "Settings",
     "TracingConfig",
     "load_settings",
+    "topic_name_problem",
 ]
 
 
@@ -50,6 +52,8 @@ class KafkaConfig(_Section):
     ssl_cafile: Path | None = None
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
+    #: How often client metadata is refreshed: a topic created after start is seen this soon.
+    metadata_max_age_ms: int = Field(default=10_000, ge=1_000)
 
     @model_validator(mode="after")
     def _sasl_needs_credentials(self) -> KafkaConfig:
@@ -74,6 +78,12 @@ class InputConfig(_Section):
     id_field: str = "id"
     max_message_bytes: int = Field(default=64 * 1024, ge=1)
     max_text_chars: int = Field(default=8_000, ge=1)
+    # Limits that keep every outcome writable (outcomes copy the key and headers, and embed the
+    # parsed JSON a few levels down; orjson writes at most 254 levels).
+    max_json_depth: int = Field(default=64, ge=1, le=200)
+    max_key_bytes: int = Field(default=4096, ge=0)
+    max_headers: int = Field(default=64, ge=0)
+    max_header_bytes: int = Field(default=16 * 1024, ge=0)
     session_timeout_ms: int = Field(default=30_000, ge=1_000)
     max_poll_interval_ms: int = Field(default=300_000, ge=1_000)
 
@@ -85,12 +95,43 @@ class OutputConfig(_Section):
     dlq_topic: str
     per_route_topics: bool = False
     route_topic_prefix: str | None = None  # default: "<responses_topic>."
+    # Outcome and dead-letter records are cut to fit this and the output topics'
+    # max.message.bytes (read at start-up), whichever is smaller.
+    max_record_bytes: int = Field(default=1_000_000, ge=16_384)
+    # Create missing output topics at start-up and on reload (else: fail fast, naming them).
+    create_topics: bool = True
+    # Outcome timestamps: the input record's (as Kafka Streams does; immune to this host's
+    # clock) or this host's clock.
+    timestamps: Literal["input", "now"] = "input"
+
+    @model_validator(mode="after")
+    def _topics_are_valid(self) -> OutputConfig:
+        prefix = [self.route_topic_prefix] if self.route_topic_prefix else []
+        for name in [self.responses_topic, self.dlq_topic, *prefix]:
+            problem = topic_name_problem(name)
+            if problem:
+                raise ValueError(f"{name!r}: {problem}")
+        return self
 
     def topic_for(self, route: str) -> str:
         if not self.per_route_topics:
             return self.responses_topic
         prefix = self.route_topic_prefix or f"{self.responses_topic}."
         return f"{prefix}{route}"
+
+
+_TOPIC_CHARS = re.compile(r"[a-zA-Z0-9._-]+")
+
+
+def topic_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a valid Kafka topic name (None when it is)."""
+    if not name or name in (".", ".."):
+        return "a topic name cannot be empty, '.' or '..'"
+    if len(name) > 249:
+        return f"a topic name has at most 249 characters, this one {len(name)}"
+    if not _TOPIC_CHARS.fullmatch(name):
+        return "a topic name may only hold ASCII letters, digits, '.', '_' and '-'"
+    return None
 
 
 class BatchingConfig(_Section):

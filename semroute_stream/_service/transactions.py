@@ -107,7 +107,13 @@ class PartitionTransactions:
                     retried = True
                     async with producer.transaction():
                         futures = [
-                            await producer.send(r.topic, r.value, key=r.key, headers=r.headers)
+                            await producer.send(
+                                r.topic,
+                                r.value,
+                                key=r.key,
+                                headers=r.headers,
+                                timestamp_ms=r.timestamp_ms,
+                            )
                             for r in records
                         ]
                         await producer.send_offsets_to_transaction(

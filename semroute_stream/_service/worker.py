@@ -22,6 +22,7 @@ from .._errors import (
     ConfigError,
     InputError,
     LLMError,
+    LLMMisconfiguredError,
     LLMPermanentError,
     LLMRetryableError,
 )
@@ -29,12 +30,23 @@ from .._input import Query
 from .._routing.schema import RoutesConfig
 from .llm import LLMPool, LLMResult
 from .observe import Observer
-from .records import Outcome, Source, coords, dead_letter_record, outcome_record
+from .records import (
+    RECORD_OVERHEAD_BYTES,
+    Outcome,
+    Source,
+    coords,
+    dead_letter_record,
+    envelope_bytes,
+    outcome_record,
+)
 from .settings import Settings
 
 __all__ = ["Routed", "Target", "Worker", "route_targets"]
 
 log = logging.getLogger("semroute_stream")
+
+# Dead letters of these kinds do not copy the input's key and headers (they were the problem).
+_ENVELOPE_KINDS = frozenset({"oversized_key", "too_many_headers", "oversized_headers"})
 
 _LOGGED_TEXT_CHARS = 1000  # with logging.log_message_text, at most this much of a message
 
@@ -98,6 +110,8 @@ class Worker:
         self.llm = llm
         self._observer = observer or Observer()
         self.endpoint_load: Counter[str] = Counter()  # messages per endpoint, in flight
+        #: The largest JSON value an output record may have (set from the topics at start-up).
+        self.record_limit = settings.output.max_record_bytes - RECORD_OVERHEAD_BYTES
 
     def endpoint_of(self, routed: Routed) -> str | None:
         return routed.target.endpoint if (routed.target and self.llm) else None
@@ -114,14 +128,94 @@ class Worker:
             if endpoint is not None:
                 self.endpoint_load[endpoint] -= 1
 
+    def _limit(self, src: Source, copy_envelope: bool = True) -> int:
+        return self.record_limit - (envelope_bytes(src) if copy_envelope else 0)
+
+    def _timestamp(self, src: Source) -> int | None:
+        stamp = src.timestamp_ms
+        if self.settings.output.timestamps == "input" and stamp is not None and stamp > 0:
+            return stamp
+        return None
+
+    def _dead_letter(
+        self, src: Source, raw: bytes | None, received: float, kind: str, **fields: Any
+    ) -> Outcome:
+        copy = kind not in _ENVELOPE_KINDS
+        value = dead_letter_record(
+            src, raw, kind=kind, limit=self._limit(src, copy), copy_envelope=copy, **fields
+        )
+        decision = fields.get("decision")
+        return Outcome(
+            src,
+            self.settings.output.dlq_topic,
+            value,
+            received,
+            decision["route"] if decision else None,
+            kind=kind,
+            copy_envelope=copy,
+            timestamp_ms=self._timestamp(src),
+        )
+
     def rejected(self, src: Source, raw: bytes | None, err: InputError, received: float) -> Outcome:
         """The dead letter of a message that did not parse (stage ``parse``)."""
         extra = {**coords(src), "kind": err.kind, **self._text(raw)}
         log.warning(
             "dead letter %s (%s): %s", src.idempotency_key, err.kind, err.reason, extra=extra
         )
-        value = dead_letter_record(src, raw, kind=err.kind, reason=err.reason, stage="parse")
-        return Outcome(src, self.settings.output.dlq_topic, value, received, kind=err.kind)
+        return self._dead_letter(src, raw, received, err.kind, reason=err.reason, stage="parse")
+
+    def failed(self, routed: Routed, err: Exception) -> Outcome:
+        """The dead letter of a message whose handling failed unexpectedly (stage ``handle``):
+        a bug or a hostile record costs one dead letter, never the service."""
+        src = routed.src
+        log.error(
+            "dead letter %s (internal_error): %r",
+            src.idempotency_key,
+            err,
+            extra=coords(src),
+            exc_info=err,
+        )
+        return self._dead_letter(
+            src,
+            routed.raw,
+            routed.received,
+            "internal_error",
+            reason=repr(err),
+            stage="handle",
+            query=routed.query,
+            decision=routed.decision,
+        )
+
+    def unpublishable(self, outcome: Outcome, err: Exception) -> Outcome:
+        """A minimal dead letter for an outcome the broker refused as a record (stage
+        ``publish``): no copy of the input, only its coordinates."""
+        src = outcome.src
+        log.error(
+            "dead letter %s (unpublishable): %s refused the record: %r",
+            src.idempotency_key,
+            outcome.topic,
+            err,
+            extra=coords(src),
+        )
+        value = dead_letter_record(
+            src,
+            None,
+            kind="unpublishable",
+            reason=f"{outcome.topic}: {err!r}",
+            stage="publish",
+            limit=self._limit(src, False),
+            copy_envelope=False,
+        )
+        return Outcome(
+            src,
+            self.settings.output.dlq_topic,
+            value,
+            outcome.received,
+            outcome.route,
+            kind="unpublishable",
+            copy_envelope=False,
+            timestamp_ms=self._timestamp(src),
+        )
 
     async def answer(self, routed: Routed) -> Outcome:
         """The outcome of one routed query: the LLM's answer, the decision alone, or the dead
@@ -151,18 +245,27 @@ class Worker:
                 "attempts": result.attempts,
             }
         timings["total"] = (time.time() - routed.received) * 1000
+        src = routed.src
         value = outcome_record(
-            routed.src,
+            src,
             routed.query,
             decision=routed.decision,
             endpoint=endpoint,
             llm_model=llm_model,
             response=response,
             timings_ms=timings,
+            raw=routed.raw,
+            limit=self._limit(src),
         )
         topic = self.settings.output.topic_for(routed.route)
         return Outcome(
-            routed.src, topic, value, routed.received, routed.route, fallback=routed.is_fallback
+            src,
+            topic,
+            value,
+            routed.received,
+            routed.route,
+            fallback=routed.is_fallback,
+            timestamp_ms=self._timestamp(src),
         )
 
     def _llm_failed(self, routed: Routed, endpoint: str, err: LLMError) -> Outcome:
@@ -181,25 +284,26 @@ class Worker:
             self._loggable(err),
             extra=extra,
         )
-        value = dead_letter_record(
+        return self._dead_letter(
             src,
             routed.raw,
-            kind=err.kind,
+            routed.received,
+            err.kind,
             reason=str(err),
             stage="llm",
             query=routed.query,
             decision=routed.decision,
             endpoint=endpoint,
         )
-        dlq = self.settings.output.dlq_topic
-        return Outcome(src, dlq, value, routed.received, routed.route, kind=err.kind)
 
     async def _call(self, routed: Routed) -> LLMResult:
         """One LLM call; while the endpoint's breaker is open, wait for it rather than fail.
 
         A call whose retries ran out goes to the DLQ while the endpoint is otherwise healthy
         (breaker closed); once the breaker has opened (an outage), it waits for the endpoint
-        like every other call. The wait is bounded by ``flow.circuit_open_max_wait_s``.
+        like every other call. A misconfigured endpoint (401/403/404, not a chat completion)
+        pauses the same way: its calls wait for someone to fix it instead of dead-lettering
+        the stream. The wait is bounded by ``flow.circuit_open_max_wait_s``.
         """
         assert self.llm is not None and routed.target is not None
         target = routed.target
@@ -217,8 +321,15 @@ class Worker:
             except CircuitOpenError as err:
                 wait = min(max(err.retry_after, 0.05), deadline - loop.time())
                 if wait <= 0:
-                    raise  # on shutdown the drain timeout cancels us first: redelivered
+                    # on shutdown the drain timeout cancels us first: redelivered
+                    why = self.llm.misconfigured().get(target.endpoint)
+                    if why is not None:
+                        raise LLMMisconfiguredError(why, endpoint=target.endpoint) from err
+                    raise
                 await asyncio.sleep(wait)
+            except LLMMisconfiguredError:
+                if loop.time() >= deadline:  # the endpoint is paused: wait for it to be fixed
+                    raise
             except LLMRetryableError:
                 outage = self.llm.breaker_state(target.endpoint) != "closed"
                 if not outage or loop.time() >= deadline:
