@@ -69,6 +69,12 @@ JVM_OPTS = [
 ]
 
 
+
+# Brokers started here run on after the LocalKafka that started them is gone (by design: the
+# pid file is how they are found again). Holding their Popen objects until exit keeps
+# Popen.__del__ from reporting them as leaked subprocesses (a ResourceWarning).
+_DETACHED: list[subprocess.Popen[bytes]] = []
+
 class KafkaLocalError(RuntimeError):
     """The local broker could not be set up, started, reached or stopped."""
 
@@ -479,6 +485,7 @@ class LocalKafka:
             finally:
                 log.close()
             self.pid_file.write_text(f"{self._child.pid}\n")
+            _DETACHED.append(self._child)  # outlives this handle on purpose: never a leak
         if wait:
             try:
                 self.wait(timeout)

@@ -187,3 +187,5 @@ def test_cli_serves_until_sigterm() -> None:
     finally:
         proc.terminate()
         assert proc.wait(timeout=5) == 0
+        if proc.stdout is not None:
+            proc.stdout.close()
