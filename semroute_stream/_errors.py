@@ -53,6 +53,7 @@ INPUT_ERROR_KINDS = (
     "oversized_key",
     "too_many_headers",
     "oversized_headers",
+    "undecodable_header_key",
 )
 #: ``LLMError.kind`` values (stage ``llm``).
 LLM_ERROR_KINDS = ("llm_rejected", "llm_retries_exhausted", "llm_circuit_open", "llm_misconfigured")

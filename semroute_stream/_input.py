@@ -119,6 +119,14 @@ def check_envelope(
         raise InputError(
             "too_many_headers", f"the message has {count} headers; the limit is {max_headers}"
         )
+    for k, _ in headers:
+        try:
+            k.encode("utf-8")
+        except UnicodeEncodeError:  # the consumer decoded it with surrogateescape
+            raw = k.encode("utf-8", "surrogateescape")
+            raise InputError(
+                "undecodable_header_key", f"a header key is not UTF-8: {raw[:64]!r}"
+            ) from None
     size = sum(len(k.encode("utf-8", "surrogateescape")) + len(v or b"") for k, v in headers)
     if size > max_header_bytes:
         raise InputError(

@@ -58,9 +58,16 @@ class MemoryOutbox:
         self.tracker = CommitTracker()
         self.owned: set[TopicPartition] = set()
         self.on_lost: Callable[[set[TopicPartition]], None] = lambda tps: None
+        self.on_stall: Callable[[TopicPartition, str | None], None] = lambda tp, why: None
 
     def assign(self, tps: set[TopicPartition]) -> None:
         self.owned |= tps
+
+    async def prepare(self, tps: set[TopicPartition]) -> None:
+        pass
+
+    def backlog(self) -> int:
+        return 0
 
     def unassign(self, tps: set[TopicPartition]) -> None:
         self.owned -= tps

@@ -69,11 +69,11 @@ JVM_OPTS = [
 ]
 
 
-
 # Brokers started here run on after the LocalKafka that started them is gone (by design: the
 # pid file is how they are found again). Holding their Popen objects until exit keeps
 # Popen.__del__ from reporting them as leaked subprocesses (a ResourceWarning).
 _DETACHED: list[subprocess.Popen[bytes]] = []
+
 
 class KafkaLocalError(RuntimeError):
     """The local broker could not be set up, started, reached or stopped."""

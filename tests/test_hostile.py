@@ -7,6 +7,7 @@ The same records go through a real broker and a real router in ``test_hostile_br
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -391,3 +392,22 @@ async def test_an_outcome_the_broker_refuses_becomes_a_minimal_dead_letter(
     assert record.topic == "in.dlq" and letter["error"]["kind"] == "unpublishable"
     assert letter["error"]["stage"] == "publish" and "in.out" in letter["error"]["reason"]
     assert pipeline.stats.dead_letters == 1 and not pipeline.stopping
+
+
+async def test_a_header_key_that_is_not_utf8_is_dead_lettered_with_its_bytes(
+    tmp_path: Path,
+) -> None:
+    raw_key = b"x-\xff\xfe"
+    key = raw_key.decode("utf-8", "surrogateescape")  # as HeaderTolerantConsumer hands it over
+    pipeline, outbox = _pipeline(tmp_path)
+    hostile = _record(0, query_message(QUERIES[0][0], "a"), headers=[(key, b"v"), ("ok", b"1")])
+    await pipeline.dispatch([hostile])
+    await wait_until(lambda: pipeline.in_flight == 0, timeout=10)
+    (outcome,) = outbox.outcomes
+    assert outcome.kind == "undecodable_header_key"
+    record = outcome.record()
+    assert record.headers == [("semroute-status", b"error")]  # the bad key is not re-sent
+    letter = orjson.loads(record.value)
+    first, second = letter["headers"]
+    assert base64.b64decode(first["key_base64"]) == raw_key and first["text"] == "v"
+    assert second == {"key": "ok", "text": "1"}

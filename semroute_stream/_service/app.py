@@ -16,7 +16,7 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from threadpoolctl import threadpool_limits
 
 from .._encoder import Encoder
@@ -37,7 +37,7 @@ from .pipeline import Pipeline
 from .settings import Settings
 from .topics import check_topic_names, ensure_output_topics, output_topics
 from .tracing import make_tracer
-from .transactions import PartitionTransactions
+from .transactions import PartitionState, PartitionTransactions
 from .worker import Worker, route_targets
 
 __all__ = ["open_service", "run_service", "signal_handlers"]
@@ -64,10 +64,21 @@ def _outbox(
 ) -> Outbox:
     interval = settings.flow.commit_interval_ms
     if send is None and settings.delivery == "exactly_once":
+        heartbeat_s = max(settings.input.session_timeout_ms // 3, 100) / 1000
+
+        async def still_ours(tp: TopicPartition) -> bool:
+            """After a fence: a rebalance that gave ``tp`` to another member reaches us within
+            a heartbeat or two (as a revocation); if none came, the broker aborted our
+            transaction for taking too long, and the partition is still ours."""
+            await asyncio.sleep(2.5 * heartbeat_s)
+            owned = transactions.state(tp) is PartitionState.OWNED
+            return owned and tp in consumer.assignment()
+
         transactions = PartitionTransactions(
             group_id or settings.input.group_id,
             lambda txn_id: make_transactional_producer(settings, txn_id),
             consumer.committed,
+            still_ours=still_ours,
         )
         return ExactlyOnceOutbox(transactions, observer=observer, commit_interval_ms=interval)
     assert send is not None

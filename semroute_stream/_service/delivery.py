@@ -39,7 +39,7 @@ from aiokafka.structs import OffsetAndMetadata
 from .observe import Observer
 from .records import Outcome, OutRecord
 from .tracing import MESSAGING
-from .transactions import PartitionFenced, PartitionTransactions
+from .transactions import PartitionFenced, PartitionTransactions, TransactionFailed
 
 __all__ = [
     "CLIENT_STOP_S",
@@ -128,12 +128,21 @@ class CommitTracker:
 
 
 class Outbox(Protocol):
-    """What the pipeline needs from delivery. ``on_lost`` is called with partitions that
-    another instance took over (exactly-once fencing); the pipeline stops taking their work."""
+    """What the pipeline needs from delivery.
+
+    ``on_lost`` is called with partitions another instance took over (exactly-once fencing):
+    the pipeline stops taking their work. ``on_stall(tp, reason)`` says a partition's outcomes
+    cannot be written for now (``reason``) or can again (None): the pipeline pauses it.
+    ``in_flight`` counts unfinished messages; ``backlog`` the finished ones the outbox still
+    holds (exactly-once: until their transaction commits); backpressure bounds both.
+    """
 
     on_lost: Callable[[set[TopicPartition]], None]
+    on_stall: Callable[[TopicPartition, str | None], None]
 
     def assign(self, tps: set[TopicPartition]) -> None: ...
+    async def prepare(self, tps: set[TopicPartition]) -> None: ...
+    def backlog(self) -> int: ...
     def unassign(self, tps: set[TopicPartition]) -> None: ...
     def track(self, tp: TopicPartition, offset: int) -> None: ...
     def in_flight(self, tp: TopicPartition | None = None) -> int: ...
@@ -147,7 +156,7 @@ class _Committing:
     """The commit loop and the bounded final commit, shared by both outboxes.
 
     Subclasses implement :meth:`_commit_offsets`: write ``offsets`` (next offset per
-    partition) and return the partitions that turned out not to be ours any more.
+    partition) and return those committed and the partitions that turned out not to be ours.
     """
 
     def __init__(self, observer: Observer, commit_interval_ms: int) -> None:
@@ -156,12 +165,19 @@ class _Committing:
         self.tracker = CommitTracker()
         self.owned: set[TopicPartition] = set()
         self.on_lost: Callable[[set[TopicPartition]], None] = lambda tps: None
+        self.on_stall: Callable[[TopicPartition, str | None], None] = lambda tp, why: None
         self._wanted = asyncio.Event()
         self._lock = asyncio.Lock()
         self._committer: asyncio.Task[None] | None = None
 
     def assign(self, tps: set[TopicPartition]) -> None:
         self.owned |= tps
+
+    async def prepare(self, tps: set[TopicPartition]) -> None:
+        """Get ready to write for newly assigned partitions (nothing to do by default)."""
+
+    def backlog(self) -> int:
+        return 0
 
     def unassign(self, tps: set[TopicPartition]) -> None:
         """Leave ``tps`` out of the periodic commits (a revocation has begun)."""
@@ -178,7 +194,9 @@ class _Committing:
         self.tracker.finish(TopicPartition(src.topic, src.partition), src.offset)
         self._wanted.set()
 
-    async def _commit_offsets(self, offsets: dict[TopicPartition, int]) -> set[TopicPartition]:
+    async def _commit_offsets(
+        self, offsets: dict[TopicPartition, int]
+    ) -> tuple[dict[TopicPartition, int], set[TopicPartition]]:
         raise NotImplementedError
 
     def _forget(self, tps: set[TopicPartition]) -> None:
@@ -192,11 +210,10 @@ class _Committing:
             offsets = {tp: o for tp, o in self.tracker.committable().items() if tp in scope}
             if not offsets:
                 return
-            lost = await self._commit_offsets(offsets)
+            offsets, lost = await self._commit_offsets(offsets)
             if lost:  # another instance owns them now: drop our state, write nothing more
                 self._forget(lost)
                 self.on_lost(lost)
-                offsets = {tp: o for tp, o in offsets.items() if tp not in lost}
             self.tracker.mark_committed(offsets)
             self._observer.stats.commits += 1
 
@@ -334,9 +351,11 @@ class AtLeastOnceOutbox(_Committing):
         self._observer.published(outcome)
         self._finished(outcome)
 
-    async def _commit_offsets(self, offsets: dict[TopicPartition, int]) -> set[TopicPartition]:
+    async def _commit_offsets(
+        self, offsets: dict[TopicPartition, int]
+    ) -> tuple[dict[TopicPartition, int], set[TopicPartition]]:
         await self._commit_to({tp: OffsetAndMetadata(o, "") for tp, o in offsets.items()})
-        return set()
+        return offsets, set()
 
 
 # ---- exactly-once -----------------------------------------------------------------------------
@@ -344,7 +363,11 @@ class AtLeastOnceOutbox(_Committing):
 
 class ExactlyOnceOutbox(_Committing):
     """Queue outcomes per partition; commit each partition's finished prefix with its next
-    offset in one transaction. Outcomes count as published when their transaction commits."""
+    offset in one transaction. Outcomes count as published when their transaction commits.
+
+    Partitions fail on their own: a partition whose transactions keep failing keeps its
+    outcomes queued and is stalled (``on_stall``) until an attempt succeeds; the others go on.
+    """
 
     def __init__(
         self,
@@ -356,10 +379,21 @@ class ExactlyOnceOutbox(_Committing):
         super().__init__(observer or Observer(), commit_interval_ms)
         self.transactions = transactions
         self._queued: dict[TopicPartition, list[Outcome]] = {}
+        self._stalled: set[TopicPartition] = set()
 
     def assign(self, tps: set[TopicPartition]) -> None:
         super().assign(tps)
         self.transactions.assign(tps)
+
+    async def prepare(self, tps: set[TopicPartition]) -> None:
+        await self.transactions.start(tps)  # fence a previous owner before any record is read
+
+    def unassign(self, tps: set[TopicPartition]) -> None:
+        super().unassign(tps)
+        self.transactions.revoking(tps)
+
+    def backlog(self) -> int:
+        return sum(len(q) for q in self._queued.values())
 
     async def publish(self, outcome: Outcome) -> None:
         src = outcome.src
@@ -370,28 +404,53 @@ class ExactlyOnceOutbox(_Committing):
         super()._forget(tps)
         for tp in tps:
             self._queued.pop(tp, None)
+            self._stall(tp, None)
 
     async def revoke(self, tps: set[TopicPartition]) -> None:
         await super().revoke(tps)
         await self.transactions.release(tps)
 
-    async def _commit_offsets(self, offsets: dict[TopicPartition, int]) -> set[TopicPartition]:
+    async def _commit_offsets(
+        self, offsets: dict[TopicPartition, int]
+    ) -> tuple[dict[TopicPartition, int], set[TopicPartition]]:
         done = await asyncio.gather(*(self._transact(tp, o) for tp, o in offsets.items()))
-        return {tp for tp, ok in zip(offsets, done, strict=True) if not ok}
+        committed = {tp: o for (tp, o), ok in zip(offsets.items(), done, strict=True) if ok}
+        lost = {tp for tp, ok in zip(offsets, done, strict=True) if ok is None}
+        return committed, lost
 
-    async def _transact(self, tp: TopicPartition, next_offset: int) -> bool:
+    async def _transact(self, tp: TopicPartition, next_offset: int) -> bool | None:
         """Write the queued outcomes below ``next_offset`` with that offset, in one
-        transaction. False when the partition's transactional id was fenced by a newer owner."""
-        queued = self._queued.get(tp, [])
-        ready = [o for o in queued if o.src.offset < next_offset]
-        self._queued[tp] = [o for o in queued if o.src.offset >= next_offset]
+        transaction. True when committed, False when it failed (the outcomes stay queued for
+        the next round), None when the partition's transactional id was fenced by a new owner."""
+        ready = [o for o in self._queued.get(tp, []) if o.src.offset < next_offset]
         attributes = {**MESSAGING, "messaging.batch.message_count": len(ready)}
         try:
             with self._observer.tracer.span("transaction", attributes):
-                await self.transactions.publish(tp, [o.record() for o in ready], next_offset)
+                records = [o.record() for o in ready]
+                # A stalled partition gets one try a round: it must not hold up the others.
+                once = 0.0 if tp in self._stalled else None
+                await self.transactions.publish(tp, records, next_offset, retry_for_s=once)
         except PartitionFenced as err:
             log.warning("%s: not committed here, its new owner redoes it (%s)", tp, err)
+            return None
+        except TransactionFailed as err:
+            self._stall(tp, f"exactly-once transactions of {tp.topic}/{tp.partition} fail: {err}")
+            self._wanted.set()  # try again next round
             return False
+        self._queued[tp] = [o for o in self._queued.get(tp, []) if o.src.offset >= next_offset]
+        self._stall(tp, None)
         for outcome in ready:
             self._observer.published(outcome)
         return True
+
+    def _stall(self, tp: TopicPartition, reason: str | None) -> None:
+        if reason is not None:
+            if tp not in self._stalled:
+                log.error("%s stalled: %s", tp, reason)
+            self._stalled.add(tp)
+        elif tp in self._stalled:
+            self._stalled.discard(tp)
+            log.warning("%s: transactions work again", tp)
+        else:
+            return
+        self.on_stall(tp, reason)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -38,6 +38,8 @@ class Activity:
     last_records: float = 0.0  # the last fetch that returned records
     last_finish: float = 0.0  # the last message that finished
     paused: bool = False  # backpressure has paused every partition
+    #: partitions whose outcomes cannot be written for now, and why (they are paused)
+    stalled: dict[TopicPartition, str] = field(default_factory=dict)
 
 
 class PipelineView(Protocol):
@@ -104,6 +106,9 @@ class Health:
             return False, "draining"
         if p.observer.platform_failure is not None:
             return False, f"platform failure: {p.observer.platform_failure}"
+        if act.stalled:
+            tp, why = sorted(act.stalled.items())[0]
+            return False, f"partition {tp.topic}/{tp.partition} stalled: {why}"
         broken = p.worker.llm.misconfigured() if p.worker.llm is not None else {}
         if broken:
             name, why = sorted(broken.items())[0]

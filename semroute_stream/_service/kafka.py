@@ -12,6 +12,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.helpers import create_ssl_context
 
+from .fetch import HeaderTolerantConsumer
 from .settings import KafkaConfig, Settings
 
 __all__ = [
@@ -49,9 +50,10 @@ def connection_kwargs(cfg: KafkaConfig) -> dict[str, Any]:
 
 
 def make_consumer(settings: Settings, *, group_id: str | None = None) -> AIOKafkaConsumer:
-    """A consumer with manual commits and an explicit ``auto_offset_reset``."""
+    """A consumer with manual commits and an explicit ``auto_offset_reset``, whose fetch
+    survives header keys that are not UTF-8 (:mod:`.fetch`): such a record is dead-lettered."""
     inp = settings.input
-    return AIOKafkaConsumer(
+    return HeaderTolerantConsumer(
         **connection_kwargs(settings.kafka),
         group_id=group_id or inp.group_id,
         enable_auto_commit=False,

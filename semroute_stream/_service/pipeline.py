@@ -56,6 +56,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self._pipeline.on_assigned(set(assigned))
+        await self._pipeline.prepare(set(assigned))
 
 
 class Pipeline:
@@ -91,6 +92,7 @@ class Pipeline:
         self._consumer = consumer
         self._outbox = outbox
         outbox.on_lost = self._lost
+        outbox.on_stall = self._stall
         self._assigned: set[TopicPartition] = set()
         self._revocations = 0  # bumped by every revocation: batches fetched before are stale
         self._tasks = PartitionTasks(self._task_done)
@@ -192,6 +194,7 @@ class Pipeline:
         for tp, (start, _) in ranges.items():
             self._consumer.seek(tp, start)
         self.on_assigned(set(ranges))
+        await self.prepare(set(ranges))
         return await self._run(bounds)
 
     async def _run(self, bounds: RunBounds) -> RunStats:
@@ -274,12 +277,13 @@ class Pipeline:
                 await self._consumer.getmany(timeout_ms=0)
         finally:
             self.activity.paused = False
-            self._consumer.resume(*(self._assigned - self._bounds.finished))
+            held = self._bounds.finished | set(self.activity.stalled)
+            self._consumer.resume(*(self._assigned - held))
             log.info("backpressure released: %d in flight", self.in_flight)
 
     def _over_capacity(self) -> bool:
         flow = self.settings.flow
-        if self.in_flight >= flow.max_in_flight:
+        if self.in_flight + self._outbox.backlog() >= flow.max_in_flight:
             return True
         load = self.worker.endpoint_load.values()
         return any(n >= flow.max_in_flight_per_endpoint for n in load)
@@ -318,14 +322,7 @@ class Pipeline:
         inp = self.settings.input
         good = []
         for rec in batch:
-            src = Source(
-                topic=rec.topic,
-                partition=rec.partition,
-                offset=rec.offset,
-                timestamp_ms=rec.timestamp,
-                key=rec.key,
-                headers=tuple((k, v) for k, v in rec.headers),
-            )
+            src = Source.of(rec)
             self._outbox.track(TopicPartition(rec.topic, rec.partition), rec.offset)
             self.stats.consumed += 1
             self.metrics.consumed.inc()
@@ -474,6 +471,22 @@ class Pipeline:
         if self.activity.paused and assigned:
             self._consumer.pause(*assigned)
         log.info("partitions assigned: %s", sorted(str(tp) for tp in assigned))
+
+    async def prepare(self, assigned: set[TopicPartition]) -> None:
+        """Before the first record of newly assigned partitions: let the outbox get ready
+        (exactly-once: start their transactional producers, fencing any previous owner)."""
+        await self._outbox.prepare(assigned)
+
+    def _stall(self, tp: TopicPartition, reason: str | None) -> None:
+        """The outbox cannot write ``tp``'s outcomes for now (``reason``) or can again."""
+        if reason is not None:
+            self.activity.stalled[tp] = reason
+            if tp in self._assigned:
+                self._consumer.pause(tp)
+            return
+        was = self.activity.stalled.pop(tp, None)
+        if was is not None and tp in self._assigned and not self.activity.paused:
+            self._consumer.resume(tp)
 
     def _lost(self, tps: set[TopicPartition]) -> None:
         """Partitions another instance took over (exactly-once fencing): no more work here."""

@@ -50,6 +50,12 @@ class Source:
     key: bytes | None
     headers: Headers
 
+    @classmethod
+    def of(cls, rec: Any) -> Source:
+        """The source of a consumed ``ConsumerRecord``."""
+        headers = tuple((k, v) for k, v in rec.headers)
+        return cls(rec.topic, rec.partition, rec.offset, rec.timestamp, rec.key, headers)
+
     @property
     def idempotency_key(self) -> str:
         return f"{self.topic}/{self.partition}/{self.offset}"
@@ -122,10 +128,22 @@ def _headers_bytes(headers: Headers) -> bytes:
     )
 
 
+def _header_field(key: str, value: bytes | None) -> dict[str, Any]:
+    """One header as JSON; a key that is not UTF-8 (decoded with surrogateescape by the
+    consumer) as ``key_base64``, so its exact bytes survive."""
+    try:
+        key.encode("utf-8")
+        name: dict[str, str] = {"key": key}
+    except UnicodeEncodeError:
+        raw = key.encode("utf-8", "surrogateescape")
+        name = {"key_base64": base64.b64encode(raw).decode("ascii")}
+    return {**name, **(_bytes_field(value) or {})}
+
+
 def _source_fields(src: Source, copy_envelope: bool) -> dict[str, Any]:
     if copy_envelope:
         key = _bytes_field(src.key)
-        headers: Any = [{"key": k, **(_bytes_field(v) or {})} for k, v in src.headers]
+        headers: Any = [_header_field(k, v) for k, v in src.headers]
     else:
         key = None if src.key is None else _cut(src.key)
         headers = _cut(_headers_bytes(src.headers), count=len(src.headers))

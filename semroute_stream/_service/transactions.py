@@ -17,6 +17,7 @@ that was computed but not committed (crash, rebalance) is computed again by the 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -25,24 +26,55 @@ from aiokafka.errors import KafkaError, ProducerFenced
 
 from .records import OutRecord
 
-__all__ = ["PartitionFenced", "PartitionTransactions", "transactional_id"]
+__all__ = [
+    "PartitionFenced",
+    "PartitionState",
+    "PartitionTransactions",
+    "TransactionFailed",
+    "transactional_id",
+]
 
 log = logging.getLogger("semroute_stream")
+
+
+def _read_exception(fut: asyncio.Future[object]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def transactional_id(prefix: str, group_id: str, tp: TopicPartition) -> str:
     return f"{prefix}{group_id}.{tp.topic}.{tp.partition}"
 
 
+class PartitionState(enum.Enum):
+    """A partition's exactly-once lifecycle here: ``OWNED`` → ``FENCED`` or ``RELEASED``.
+
+    ``FENCED``: a newer producer holds its transactional id (a new owner took it over); nothing
+    more is written. ``RELEASED``: revoked here. A transaction the broker aborted because it ran
+    past ``transaction_timeout_ms`` also fences our producer, but the partition is still ours:
+    that case re-initialises the producer and stays ``OWNED``.
+    """
+
+    OWNED = "owned"
+    FENCED = "fenced"
+    RELEASED = "released"
+
+
 class PartitionFenced(Exception):
     """This instance no longer owns the partition: its transactions are refused."""
+
+
+class TransactionFailed(Exception):
+    """A partition's transaction keeps failing (a non-retriable error, or retriable ones for
+    longer than ``retry_for_s``): the partition is stalled until a later attempt succeeds."""
 
 
 class PartitionTransactions:
     """The transactional producers of the partitions this instance owns.
 
     ``make_producer(transactional_id)`` builds an unstarted producer; ``committed(tp)`` reads
-    the group's committed offset from the broker. ``publish`` writes one slice; slices of a
+    the group's committed offset from the broker; ``still_ours(tp)`` (when given) tells a
+    broker-side abort from a new owner after a fence. ``publish`` writes one slice; slices of a
     partition must be published in offset order (the caller chains them).
     """
 
@@ -52,26 +84,63 @@ class PartitionTransactions:
         make_producer: Callable[[str], AIOKafkaProducer],
         committed: Callable[[TopicPartition], Awaitable[int | None]],
         *,
+        still_ours: Callable[[TopicPartition], Awaitable[bool]] | None = None,
         id_prefix: str = "semroute.",
+        retry_for_s: float = 10.0,
     ) -> None:
         self._group_id = group_id
         self._make = make_producer
         self._committed = committed
+        self._still_ours = still_ours
         self._prefix = id_prefix
+        self._retry_for_s = retry_for_s
         self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
         self._locks: dict[TopicPartition, asyncio.Lock] = {}
-        self._owned: set[TopicPartition] = set()
+        self._state: dict[TopicPartition, PartitionState] = {}
+        self._revoking: set[TopicPartition] = set()  # a fence there is never "still ours"
         self.transactions = 0
 
+    def state(self, tp: TopicPartition) -> PartitionState | None:
+        return self._state.get(tp)
+
     def assign(self, tps: set[TopicPartition]) -> None:
-        """Partitions this instance now owns (their producers start on first use)."""
-        self._owned |= tps
+        """Partitions this instance now owns (see :meth:`start` to fence their old owners)."""
+        for tp in tps:
+            self._state[tp] = PartitionState.OWNED
+        self._revoking -= tps
+
+    def revoking(self, tps: set[TopicPartition]) -> None:
+        """A revocation of ``tps`` has begun: their last commit may run, but a fence now means
+        the new owner (never a broker-side abort to retry: that would fence the new owner back
+        and write what it already wrote)."""
+        self._revoking |= tps
+
+    async def start(self, tps: set[TopicPartition]) -> None:
+        """Start the producers of newly owned partitions now, before any of their records is
+        processed: ``InitProducerId`` aborts what a previous owner left open and fences it, so
+        a paused old owner that wakes up cannot commit a duplicate. A failure here is logged;
+        the producer is then started on first use."""
+
+        async def one(tp: TopicPartition) -> None:
+            try:
+                async with self._locks.setdefault(tp, asyncio.Lock()):
+                    if self._state.get(tp) is PartitionState.OWNED:
+                        await self._producer(tp)
+            except (TimeoutError, KafkaError) as err:
+                log.warning("starting the transactional producer of %s failed: %r", tp, err)
+                await self._discard(tp)
+
+        await asyncio.gather(*(one(tp) for tp in tps))
 
     async def _producer(self, tp: TopicPartition) -> AIOKafkaProducer:
         producer = self._producers.get(tp)
         if producer is None:
             producer = self._make(transactional_id(self._prefix, self._group_id, tp))
-            await producer.start()  # InitProducerId: aborts and fences the previous owner
+            try:
+                await producer.start()  # InitProducerId: aborts and fences the previous owner
+            except BaseException:
+                await producer.stop()
+                raise
             self._producers[tp] = producer
         return producer
 
@@ -83,20 +152,32 @@ class PartitionTransactions:
             except Exception as err:  # a broken producer may fail to close cleanly
                 log.debug("closing the producer of %s: %r", tp, err)
 
-    async def publish(self, tp: TopicPartition, records: list[OutRecord], next_offset: int) -> None:
+    async def publish(
+        self,
+        tp: TopicPartition,
+        records: list[OutRecord],
+        next_offset: int,
+        *,
+        retry_for_s: float | None = None,
+    ) -> None:
         """Write ``records`` and commit ``tp`` at ``next_offset``, atomically.
 
         Retries retriable failures (with a fresh producer, which aborts the half-done
-        transaction) until it succeeds; raises :class:`PartitionFenced` when another instance
-        has taken the partition over, or the partition was released here.
+        transaction) for up to ``retry_for_s``; raises :class:`PartitionFenced` when another
+        instance has taken the partition over (or it was released here), and
+        :class:`TransactionFailed` when it keeps failing (the caller keeps the records and
+        tries again later).
         """
-        lock = self._locks.setdefault(tp, asyncio.Lock())
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + (self._retry_for_s if retry_for_s is None else retry_for_s)
         delay = 0.2
         retried = False
-        async with lock:
+        async with self._locks.setdefault(tp, asyncio.Lock()):
             while True:
-                if tp not in self._owned:
-                    raise PartitionFenced(f"{tp} was revoked")
+                state = self._state.get(tp)
+                if state is not PartitionState.OWNED:
+                    what = "was revoked" if state is PartitionState.RELEASED else "is not ours"
+                    raise PartitionFenced(f"{tp} {what} ({state})")
                 try:
                     producer = await self._producer(tp)
                     done = await self._committed(tp) if retried else None
@@ -105,33 +186,62 @@ class PartitionTransactions:
                         # the new producer completed it. Publishing again would duplicate.
                         return
                     retried = True
-                    async with producer.transaction():
-                        futures = [
-                            await producer.send(
-                                r.topic,
-                                r.value,
-                                key=r.key,
-                                headers=r.headers,
-                                timestamp_ms=r.timestamp_ms,
-                            )
-                            for r in records
-                        ]
-                        await producer.send_offsets_to_transaction(
-                            {tp: next_offset}, self._group_id
-                        )
-                    for fut in futures:
-                        await fut  # already resolved once the commit succeeded
+                    await self._transact(producer, tp, records, next_offset)
                     self.transactions += 1
                     return
                 except ProducerFenced as err:
-                    self._owned.discard(tp)  # never start another producer that would fence
-                    await self._discard(tp)  # the new owner back; until assigned again
+                    await self._discard(tp)
+                    if (
+                        tp not in self._revoking
+                        and self._still_ours is not None
+                        and await self._still_ours(tp)
+                        and tp not in self._revoking
+                    ):
+                        log.warning(
+                            "%s: the broker aborted a transaction (longer than "
+                            "transaction_timeout_ms?); the partition is still ours: retrying "
+                            "with a new producer",
+                            tp,
+                        )
+                        continue
+                    self._state[tp] = PartitionState.FENCED  # never fence the new owner back
                     raise PartitionFenced(str(tp)) from err
                 except (TimeoutError, KafkaError) as err:
-                    log.warning("transaction for %s failed (%r); retrying in %.1fs", tp, err, delay)
                     await self._discard(tp)
+                    retriable = isinstance(err, TimeoutError) or getattr(err, "retriable", False)
+                    if not retriable or loop.time() + delay > give_up:
+                        raise TransactionFailed(f"{tp}: {err!r}") from err
+                    log.warning("transaction for %s failed (%r); retrying in %.1fs", tp, err, delay)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
+
+    async def _transact(
+        self,
+        producer: AIOKafkaProducer,
+        tp: TopicPartition,
+        records: list[OutRecord],
+        next_offset: int,
+    ) -> None:
+        futures: list[asyncio.Future[object]] = []
+        try:
+            async with producer.transaction():
+                for r in records:
+                    futures.append(
+                        await producer.send(
+                            r.topic,
+                            r.value,
+                            key=r.key,
+                            headers=r.headers,
+                            timestamp_ms=r.timestamp_ms,
+                        )
+                    )
+                await producer.send_offsets_to_transaction({tp: next_offset}, self._group_id)
+        except BaseException:
+            for fut in futures:  # failed with the transaction: read them, or asyncio complains
+                fut.add_done_callback(_read_exception)
+            raise
+        for fut in futures:
+            await fut  # already resolved once the commit succeeded
 
     async def release(self, tps: set[TopicPartition]) -> None:
         """Close the producers of partitions this instance no longer owns.
@@ -139,10 +249,11 @@ class PartitionTransactions:
         A publish still running for one of them fails (its transaction is aborted by the
         closing producer or fenced by the new owner) and does not retry.
         """
-        self._owned -= tps
+        self._revoking -= tps
         for tp in tps:
+            self._state[tp] = PartitionState.RELEASED
             self._locks.pop(tp, None)
             await self._discard(tp)
 
     async def close(self) -> None:
-        await self.release(set(self._producers) | self._owned)
+        await self.release(set(self._producers) | set(self._state))

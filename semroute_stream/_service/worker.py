@@ -46,7 +46,9 @@ __all__ = ["Routed", "Target", "Worker", "route_targets"]
 log = logging.getLogger("semroute_stream")
 
 # Dead letters of these kinds do not copy the input's key and headers (they were the problem).
-_ENVELOPE_KINDS = frozenset({"oversized_key", "too_many_headers", "oversized_headers"})
+_ENVELOPE_KINDS = frozenset(
+    {"oversized_key", "too_many_headers", "oversized_headers", "undecodable_header_key"}
+)
 
 _LOGGED_TEXT_CHARS = 1000  # with logging.log_message_text, at most this much of a message
 
@@ -142,7 +144,13 @@ class Worker:
     ) -> Outcome:
         copy = kind not in _ENVELOPE_KINDS
         value = dead_letter_record(
-            src, raw, kind=kind, limit=self._limit(src, copy), copy_envelope=copy, **fields
+            src,
+            raw,
+            kind=kind,
+            limit=self._limit(src, copy),
+            # a key that is not UTF-8 is kept in the JSON (base64), not as a Kafka header
+            copy_envelope=copy or kind == "undecodable_header_key",
+            **fields,
         )
         decision = fields.get("decision")
         return Outcome(
