@@ -95,7 +95,7 @@ async def test_a_revoked_api_key_pauses_the_endpoint_instead_of_dead_lettering(
             observability={"metrics_port": port},
         )
         router = Router(config, "--idle-timeout", "8", log=tmp_path / "r.log")
-        why = ""
+        status, why = 0, ""
         deadline = time.monotonic() + 120
         while "misconfigured" not in why and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
@@ -103,7 +103,7 @@ async def test_a_revoked_api_key_pauses_the_endpoint_instead_of_dead_lettering(
                 status, why = await http_get(port, "/readyz")
             except OSError:
                 continue
-        assert "misconfigured" in why and "401" in why, router.output()
+        assert status == 503 and "misconfigured" in why and "401" in why, router.output()
         requests_while_broken = stub.request_count
         await asyncio.sleep(3)
         # paused: a trial call now and then, not the whole stream at full speed
