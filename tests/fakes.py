@@ -6,9 +6,11 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from aiokafka import TopicPartition
+from aiokafka.structs import ConsumerRecord
 
 from semroute_stream._service.delivery import CommitTracker
 from semroute_stream._service.records import Outcome
@@ -97,3 +99,21 @@ class MemoryOutbox:
 
     async def stop(self) -> None:
         self.commit()
+
+
+def consumer_record(offset: int, value: bytes | None, **extra: Any) -> ConsumerRecord[bytes, bytes]:
+    """A fetched record of partition ``in``/0, as ``getmany`` returns it (``extra`` overrides)."""
+    fields: dict[str, Any] = {
+        "topic": "in",
+        "partition": 0,
+        "offset": offset,
+        "timestamp": 1_700_000_000_000,
+        "timestamp_type": 0,
+        "key": None,
+        "value": value,
+        "checksum": None,
+        "serialized_key_size": len(extra.get("key") or b""),
+        "serialized_value_size": len(value or b""),
+        "headers": [],
+    }
+    return ConsumerRecord(**(fields | extra))

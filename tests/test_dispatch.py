@@ -9,8 +9,7 @@ from typing import Any
 import httpx
 import orjson
 from aiokafka import TopicPartition
-from aiokafka.structs import ConsumerRecord
-from fakes import FakeEncoder, MemoryOutbox
+from fakes import FakeEncoder, MemoryOutbox, consumer_record
 from ops_helpers import wait_until
 from service_helpers import BAD_INPUTS, QUERIES, make_settings, query_message
 
@@ -22,22 +21,6 @@ from semroute_stream._service.worker import Worker, route_targets
 
 TP = TopicPartition("in", 0)
 ENDPOINTS = {name: "http://llm.test/v1" for name in ("billing", "support", "general")}
-
-
-def _record(offset: int, value: bytes | None) -> ConsumerRecord[bytes, bytes]:
-    return ConsumerRecord(
-        topic="in",
-        partition=0,
-        offset=offset,
-        timestamp=1_700_000_000_000,
-        timestamp_type=0,
-        key=b"k",
-        value=value,
-        checksum=None,
-        serialized_key_size=1,
-        serialized_value_size=len(value or b""),
-        headers=[("trace", b"t-1")],
-    )
 
 
 def _pipeline(tmp_path: Path, handler: Any = None) -> tuple[Pipeline, MemoryOutbox]:
@@ -58,7 +41,9 @@ def _pipeline(tmp_path: Path, handler: Any = None) -> tuple[Pipeline, MemoryOutb
 
 
 async def _dispatch(pipeline: Pipeline, values: list[bytes | None]) -> None:
-    await pipeline.dispatch([_record(i, v) for i, v in enumerate(values)])
+    await pipeline.dispatch(
+        [consumer_record(i, v, key=b"k", headers=[("trace", b"t-1")]) for i, v in enumerate(values)]
+    )
     await wait_until(lambda: pipeline.in_flight == 0, timeout=10)
 
 

@@ -18,8 +18,7 @@ import orjson
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import MessageSizeTooLargeError
-from aiokafka.structs import ConsumerRecord
-from fakes import FakeEncoder, MemoryOutbox
+from fakes import FakeEncoder, MemoryOutbox, consumer_record
 from ops_helpers import wait_until
 from service_helpers import QUERIES, make_settings, query_message
 
@@ -253,23 +252,6 @@ async def test_a_trickling_server_hits_the_total_deadline() -> None:
 # ---- the pipeline: one message, one outcome, whatever fails -----------------------------------
 
 
-def _record(offset: int, value: bytes | None, **extra: Any) -> ConsumerRecord[bytes, bytes]:
-    fields: dict[str, Any] = {
-        "topic": "in",
-        "partition": 0,
-        "offset": offset,
-        "timestamp": 1_700_000_000_000,
-        "timestamp_type": 0,
-        "key": None,
-        "value": value,
-        "checksum": None,
-        "serialized_key_size": 0,
-        "serialized_value_size": len(value or b""),
-        "headers": [],
-    }
-    return ConsumerRecord(**(fields | extra))
-
-
 def _pipeline(
     tmp_path: Path, handler: Any = None, outbox: Any = None, **sections: Any
 ) -> tuple[Pipeline, Any]:
@@ -304,13 +286,13 @@ async def test_hostile_records_each_get_one_dead_letter_and_the_next_query_is_ro
 ) -> None:
     pipeline, outbox = _pipeline(tmp_path, input={"max_message_bytes": 1 << 20})
     hostile = [
-        _record(0, deep(618)),
-        _record(1, bytes(range(256)) * 3200),
-        _record(2, bytes([1, 2, 27]) * 70_000),
-        _record(3, query_message("hi", "k"), key=b"k" * 700_000),
-        _record(4, query_message("hi", "h"), headers=[("h", b"")] * 50_000),
-        _record(5, b'{"text": "hi", "deep": ' + b"[" * 253 + b"]" * 253 + b"}"),
-        _record(6, query_message(QUERIES[0][0], "ok")),
+        consumer_record(0, deep(618)),
+        consumer_record(1, bytes(range(256)) * 3200),
+        consumer_record(2, bytes([1, 2, 27]) * 70_000),
+        consumer_record(3, query_message("hi", "k"), key=b"k" * 700_000),
+        consumer_record(4, query_message("hi", "h"), headers=[("h", b"")] * 50_000),
+        consumer_record(5, b'{"text": "hi", "deep": ' + b"[" * 253 + b"]" * 253 + b"}"),
+        consumer_record(6, query_message(QUERIES[0][0], "ok")),
     ]
     await pipeline.dispatch(hostile)
     await wait_until(lambda: pipeline.in_flight == 0, timeout=10)
@@ -342,7 +324,7 @@ async def test_an_unexpected_failure_is_that_messages_dead_letter(tmp_path: Path
         raise ZeroDivisionError("a bug in a transport")
 
     pipeline, outbox = _pipeline(tmp_path, handler)
-    await pipeline.dispatch([_record(0, query_message(QUERIES[0][0], "a"))])
+    await pipeline.dispatch([consumer_record(0, query_message(QUERIES[0][0], "a"))])
     await wait_until(lambda: pipeline.in_flight == 0, timeout=10)
     (outcome,) = outbox.outcomes
     assert (outcome.kind, outcome.topic) == ("internal_error", "in.dlq")
@@ -360,7 +342,9 @@ async def test_a_misconfigured_endpoint_pauses_then_dead_letters_and_turns_not_r
 
     pipeline, outbox = _pipeline(tmp_path, handler, flow={"circuit_open_max_wait_s": 1.0})
     pipeline.activity.assigned_at = 0.0
-    await pipeline.dispatch([_record(i, query_message(QUERIES[0][0], f"q{i}")) for i in range(3)])
+    await pipeline.dispatch(
+        [consumer_record(i, query_message(QUERIES[0][0], f"q{i}")) for i in range(3)]
+    )
     await asyncio.sleep(0.3)
     assert outbox.outcomes == []  # waiting for the endpoint, not dead-lettering the stream
     ready, why = await pipeline.readiness()
@@ -385,7 +369,7 @@ async def test_an_outcome_the_broker_refuses_becomes_a_minimal_dead_letter(
 
     outbox = AtLeastOnceOutbox(send, no_commit)
     pipeline, _ = _pipeline(tmp_path, outbox=outbox)
-    await pipeline.dispatch([_record(0, query_message(QUERIES[0][0], "a"))])
+    await pipeline.dispatch([consumer_record(0, query_message(QUERIES[0][0], "a"))])
     await wait_until(lambda: pipeline.in_flight == 0, timeout=10)
     (record,) = written
     letter = orjson.loads(record.value)
@@ -400,7 +384,9 @@ async def test_a_header_key_that_is_not_utf8_is_dead_lettered_with_its_bytes(
     raw_key = b"x-\xff\xfe"
     key = raw_key.decode("utf-8", "surrogateescape")  # as HeaderTolerantConsumer hands it over
     pipeline, outbox = _pipeline(tmp_path)
-    hostile = _record(0, query_message(QUERIES[0][0], "a"), headers=[(key, b"v"), ("ok", b"1")])
+    hostile = consumer_record(
+        0, query_message(QUERIES[0][0], "a"), headers=[(key, b"v"), ("ok", b"1")]
+    )
     await pipeline.dispatch([hostile])
     await wait_until(lambda: pipeline.in_flight == 0, timeout=10)
     (outcome,) = outbox.outcomes

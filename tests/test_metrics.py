@@ -15,8 +15,7 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.structs import ConsumerRecord
-from fakes import FakeEncoder
+from fakes import FakeEncoder, consumer_record
 from llm_stub import LLMStub
 from ops_helpers import http_get, samples, value, wait_until
 from service_helpers import BAD_INPUTS, QUERIES, make_settings, produce, query_message
@@ -207,24 +206,8 @@ def _fake_pipeline(
     return pipeline, sink
 
 
-def _consumer_record(offset: int, value: bytes | None) -> ConsumerRecord[bytes, bytes]:
-    return ConsumerRecord(
-        topic="in",
-        partition=0,
-        offset=offset,
-        timestamp=1_700_000_000_000,
-        timestamp_type=0,
-        key=None,
-        value=value,
-        checksum=None,
-        serialized_key_size=0,
-        serialized_value_size=len(value or b""),
-        headers=[],
-    )
-
-
 async def _process(pipeline: Pipeline, values: list[bytes | None]) -> None:
-    await pipeline.dispatch([_consumer_record(i, v) for i, v in enumerate(values)])
+    await pipeline.dispatch([consumer_record(i, v) for i, v in enumerate(values)])
     await wait_until(lambda: pipeline.in_flight == 0, timeout=10)
 
 
