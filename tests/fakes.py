@@ -82,7 +82,7 @@ class MemoryOutbox:
 
     async def publish(self, outcome: Outcome) -> None:
         self.outcomes.append(outcome)
-        src = outcome.src
+        src = outcome.at
         self.tracker.finish(TopicPartition(src.topic, src.partition), src.offset)
 
     def commit(self) -> None:

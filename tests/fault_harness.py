@@ -73,12 +73,21 @@ def _kill_leftovers() -> None:
 class Router:
     """One ``semroute-stream run`` process (killed at exit if a test left it running)."""
 
-    def __init__(self, config: Path, *args: str, log: Path) -> None:
+    def __init__(self, config: Path, *args: str, log: Path, wrapper: tuple[str, ...] = ()) -> None:
         self.log = log
         self._out = log.open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "semroute_stream", "run", "--config", str(config), *args],
+            [
+                *wrapper,  # e.g. ("faketime", "-f", "+2h"): the router's clock moved
+                sys.executable,
+                "-m",
+                "semroute_stream",
+                "run",
+                "--config",
+                str(config),
+                *args,
+            ],
             cwd=REPO,
             env=env,
             stdout=self._out,

@@ -49,6 +49,10 @@ class RunBounds:
             self._last_input = time.monotonic()
         return batch
 
+    def touch(self) -> None:
+        """New partitions were assigned: new work may be there, the idle clock starts again."""
+        self._last_input = time.monotonic()
+
     def wanted(self, rec: ConsumerRecord[Any, Any]) -> bool:
         """False for a replayed partition's records at or past its end offset."""
         return self._end is None or rec.offset < self._end[TopicPartition(rec.topic, rec.partition)]

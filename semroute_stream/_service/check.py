@@ -120,6 +120,7 @@ async def _check_broker(settings: Settings, routes: RoutesConfig | None, note: N
         names = [*routes.names, routes.fallback.name]
         wanted += [(out.topic_for(name), f"responses of route {name}") for name in names]
     wanted.append((out.dlq_topic, "dead letters"))
+    wanted += [(t, f"parked messages of endpoint {e}") for t, e in settings.retry_topics().items()]
     servers = settings.kafka.bootstrap_servers
     try:
         found = await asyncio.wait_for(
@@ -129,9 +130,12 @@ async def _check_broker(settings: Settings, routes: RoutesConfig | None, note: N
         note("FAIL", "broker", f"{servers}: unreachable ({type(err).__name__}: {err})")
         return
     note("ok", "broker", f"{servers}: metadata answered")
+    retries = settings.retry_topics()
     for topic, role in wanted:
         if topic in found:
             note("ok", "topic", f"{topic} ({role}): {len(found[topic])} partition(s)")
+        elif topic in retries and out.create_topics:  # the router's own: made at start-up
+            note("ok", "topic", f"{topic} ({role}): created at start-up (output.create_topics)")
         else:
             note("FAIL", "topic", f"{topic} ({role}): does not exist")
 

@@ -190,7 +190,7 @@ class _Committing:
         return self.tracker.in_flight(tp)
 
     def _finished(self, outcome: Outcome) -> None:
-        src = outcome.src
+        src = outcome.at
         self.tracker.finish(TopicPartition(src.topic, src.partition), src.offset)
         self._wanted.set()
 
@@ -396,7 +396,7 @@ class ExactlyOnceOutbox(_Committing):
         return sum(len(q) for q in self._queued.values())
 
     async def publish(self, outcome: Outcome) -> None:
-        src = outcome.src
+        src = outcome.at
         self._queued.setdefault(TopicPartition(src.topic, src.partition), []).append(outcome)
         self._finished(outcome)
 
@@ -422,7 +422,7 @@ class ExactlyOnceOutbox(_Committing):
         """Write the queued outcomes below ``next_offset`` with that offset, in one
         transaction. True when committed, False when it failed (the outcomes stay queued for
         the next round), None when the partition's transactional id was fenced by a new owner."""
-        ready = [o for o in self._queued.get(tp, []) if o.src.offset < next_offset]
+        ready = [o for o in self._queued.get(tp, []) if o.at.offset < next_offset]
         attributes = {**MESSAGING, "messaging.batch.message_count": len(ready)}
         try:
             with self._observer.tracer.span("transaction", attributes):
@@ -437,7 +437,7 @@ class ExactlyOnceOutbox(_Committing):
             self._stall(tp, f"exactly-once transactions of {tp.topic}/{tp.partition} fail: {err}")
             self._wanted.set()  # try again next round
             return False
-        self._queued[tp] = [o for o in self._queued.get(tp, []) if o.src.offset >= next_offset]
+        self._queued[tp] = [o for o in self._queued.get(tp, []) if o.at.offset >= next_offset]
         self._stall(tp, None)
         for outcome in ready:
             self._observer.published(outcome)

@@ -40,6 +40,8 @@ class Activity:
     paused: bool = False  # backpressure has paused every partition
     #: partitions whose outcomes cannot be written for now, and why (they are paused)
     stalled: dict[TopicPartition, str] = field(default_factory=dict)
+    #: retry-topic partitions held (paused) while their endpoint is down
+    held: set[TopicPartition] = field(default_factory=set)
 
 
 class PipelineView(Protocol):

@@ -140,6 +140,7 @@ class _Breaker:
         self._failures = 0
         self._opened_at: float | None = None
         self._trial_running = False
+        self.down_since: float | None = None  # when it last opened after being closed
 
     @property
     def state(self) -> str:
@@ -176,17 +177,22 @@ class _Breaker:
         """Open now, whatever the count (the endpoint is misconfigured)."""
         self._failures = self._threshold
         self._opened_at = self._clock()
+        if self.down_since is None:
+            self.down_since = self._opened_at
 
     def record(self, *, ok: bool) -> bool:
         """Record a call's outcome; returns True when this opened (or reopened) the breaker."""
         if ok:
             self._failures = 0
             self._opened_at = None
+            self.down_since = None
             return False
         self._failures += 1
         if self._failures < self._threshold:
             return False
         self._opened_at = self._clock()
+        if self.down_since is None:
+            self.down_since = self._opened_at
         return True
 
 
@@ -335,6 +341,12 @@ class LLMPool:
             log.warning("LLM endpoint %s answers again", ep.name)
             ep.misconfigured = None
         return result
+
+    def unavailable_for(self, endpoint: str) -> float:
+        """Seconds since the endpoint's breaker opened (0 while it is closed): an outage or a
+        misconfiguration that trial calls have not ended yet."""
+        breaker = self._get(endpoint).breaker
+        return 0.0 if breaker.down_since is None else self._clock() - breaker.down_since
 
     def misconfigured(self) -> dict[str, str]:
         """The endpoints that answered 401/403/404 or not a chat completion, and why."""

@@ -121,6 +121,12 @@ class Metrics:
             ["topic", "partition"],
             registry=r,
         )
+        self.parked = Counter(
+            "semroute_messages_parked",
+            "Messages parked on their endpoint's retry topic (the endpoint was unavailable).",
+            ["route"],
+            registry=r,
+        )
         self.platform_failure = Gauge(
             "semroute_platform_failure",
             "1 while the broker refuses our writes (authorisation, timestamps...): see /readyz.",
@@ -158,6 +164,7 @@ class RunStats:
     batches: int = 0
     pauses: int = 0
     commits: int = 0
+    parked: int = 0
     stopped_by: str = ""
 
     def as_dict(self) -> dict[str, Any]:
@@ -170,6 +177,7 @@ class RunStats:
             "batches": self.batches,
             "pauses": self.pauses,
             "commits": self.commits,
+            "parked": self.parked,
             "stopped_by": self.stopped_by,
         }
 
@@ -197,6 +205,10 @@ class Observer:
         self.metrics.platform_failure.set(0 if reason is None else 1)
 
     def published(self, outcome: Outcome) -> None:
+        if outcome.parked:  # not an outcome yet: it comes back from the retry topic
+            self.stats.parked += 1
+            self.metrics.parked.labels(outcome.route or "").inc()
+            return
         self.metrics.end_to_end_seconds.observe(time.time() - outcome.received)
         if outcome.kind is not None:
             self.stats.dead_letters += 1

@@ -30,7 +30,7 @@ from .bounds import RunBounds
 from .delivery import RECORD_ERRORS, Outbox
 from .health import Activity, Health
 from .observe import HttpServer, Metrics, Observer, RunStats
-from .records import Outcome, Source, coords
+from .records import Outcome, Source, coords, read_parked
 from .reload import LiveRoutes
 from .settings import Settings
 from .tasks import PartitionTasks
@@ -164,7 +164,8 @@ class Pipeline:
         self, *, max_messages: int | None = None, idle_timeout_s: float | None = None
     ) -> RunStats:
         """Consume until stopped, ``max_messages`` taken, or ``idle_timeout_s`` without input."""
-        self._consumer.subscribe([self.settings.input.topic], listener=_Listener(self))
+        topics = [self.settings.input.topic, *self.settings.retry_topics()]
+        self._consumer.subscribe(topics, listener=_Listener(self))
         watcher = asyncio.create_task(self.routes.watch(), name="semroute-routes-watch")
         try:
             return await self._run(
@@ -215,6 +216,7 @@ class Pipeline:
             await self._wait_for_capacity()
             if self._stopping.is_set():
                 break
+            self._hold_retries()
             generation = self._revocations
             batch = self._bounds.cut(await self._next_batch(), self.stats.consumed)
             if batch:
@@ -277,7 +279,7 @@ class Pipeline:
                 await self._consumer.getmany(timeout_ms=0)
         finally:
             self.activity.paused = False
-            held = self._bounds.finished | set(self.activity.stalled)
+            held = self._bounds.finished | set(self.activity.stalled) | self.activity.held
             self._consumer.resume(*(self._assigned - held))
             log.info("backpressure released: %d in flight", self.in_flight)
 
@@ -321,11 +323,15 @@ class Pipeline:
         """Track every record; dead-letter those that do not parse; return the others."""
         inp = self.settings.input
         good = []
+        retries = self.settings.retry_topics()
         for rec in batch:
             src = Source.of(rec)
             self._outbox.track(TopicPartition(rec.topic, rec.partition), rec.offset)
             self.stats.consumed += 1
             self.metrics.consumed.inc()
+            if rec.topic in retries:
+                self._unpark(src, rec.value, received)
+                continue
             try:
                 check_envelope(
                     src.key,
@@ -349,6 +355,63 @@ class Pipeline:
                 continue
             good.append((src, query, rec))
         return good
+
+    def _unpark(self, at: Source, value: bytes | None, received: float) -> None:
+        """A parked message back from its retry topic: answer it with the decision it was
+        parked with (no encoding, no deciding again)."""
+        inp = self.settings.input
+        try:
+            parked = read_parked(value)
+            query = parse_input(
+                parked.raw,
+                format=inp.format,
+                text_field=inp.text_field,
+                id_field=inp.id_field,
+                max_bytes=inp.max_message_bytes,
+                max_chars=inp.max_text_chars,
+                max_depth=inp.max_json_depth,
+            )
+        except (ValueError, InputError) as err:
+            error = err if isinstance(err, InputError) else InputError("invalid_json", str(err))
+            self._tasks.spawn(self._deliver(self.worker.rejected(at, value, error, received)), at)
+            return
+        targets = self.routes.targets
+        fallback = self.routes.router.routes.fallback.name
+        routed = Routed(
+            src=parked.src,
+            query=query,
+            raw=parked.raw,
+            decision=parked.decision,
+            route=parked.route,
+            is_fallback=bool(parked.decision.get("is_fallback")),
+            target=targets.get(parked.route) or targets.get(fallback),
+            timings={"parked": received * 1000 - parked.parked_at_ms},
+            received=received,
+            consumed=at,
+            parked_at_ms=parked.parked_at_ms,
+            times_parked=parked.times,
+        )
+        self._tasks.spawn(self._handle(routed), at)
+
+    def _hold_retries(self) -> None:
+        """Keep a retry topic's partitions paused while its endpoint's breaker is open (its
+        parked messages would only be parked again); release them when a trial may run."""
+        retries, llm = self.settings.retry_topics(), self.worker.llm
+        if not retries or llm is None:
+            return
+        held = self.activity.held
+        for tp in self._assigned:
+            endpoint = retries.get(tp.topic)
+            if endpoint is None:
+                continue
+            down = llm.breaker_state(endpoint) == "open"
+            if down and tp not in held:
+                held.add(tp)
+                self._consumer.pause(tp)
+            elif not down and tp in held:
+                held.discard(tp)
+                if not self.activity.paused and tp not in self.activity.stalled:
+                    self._consumer.resume(tp)
 
     async def _decide(self, good: list[tuple[Source, Query, Record]], received: float) -> None:
         """Encode and decide the parsed messages in one call each; spawn their tasks."""
@@ -467,6 +530,7 @@ class Pipeline:
     def on_assigned(self, assigned: set[TopicPartition]) -> None:
         self._assigned |= assigned
         self.activity.assigned_at = time.time()
+        self._bounds.touch()
         self._outbox.assign(assigned)
         if self.activity.paused and assigned:
             self._consumer.pause(*assigned)

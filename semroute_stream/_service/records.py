@@ -19,21 +19,26 @@ from .._input import Query
 __all__ = [
     "DEAD_LETTER_SCHEMA",
     "OUTCOME_SCHEMA",
+    "PARKED_SCHEMA",
     "RECORD_OVERHEAD_BYTES",
     "OutRecord",
     "Outcome",
+    "Parked",
     "RecordTooLarge",
     "Source",
     "coords",
     "dead_letter_record",
     "envelope_bytes",
     "outcome_record",
+    "parked_record",
+    "read_parked",
 ]
 
 #: Room left in a topic's ``max.message.bytes`` for the record batch framing.
 RECORD_OVERHEAD_BYTES = 512
 
 OUTCOME_SCHEMA = "semroute.outcome/1"
+PARKED_SCHEMA = "semroute.parked/1"
 DEAD_LETTER_SCHEMA = "semroute.dead_letter/1"
 
 Headers = tuple[tuple[str, bytes], ...]
@@ -90,11 +95,19 @@ class Outcome:
     fallback: bool = False
     copy_envelope: bool = True  # False when the input's key or headers were the problem
     timestamp_ms: int | None = None
+    parked: bool = False  # not final: written to its endpoint's retry topic (see Worker.park)
+    consumed: Source | None = None  # where it was consumed from, when not ``src`` (a retry)
+
+    @property
+    def at(self) -> Source:
+        """The consumed record whose offset this outcome finishes (commit bookkeeping)."""
+        return self.consumed or self.src
 
     def record(self) -> OutRecord:
         """The record to write: the input's key and headers, plus status and route headers."""
         headers = list(self.src.headers) if self.copy_envelope else []
-        headers.append(("semroute-status", b"error" if self.kind is not None else b"ok"))
+        status = b"parked" if self.parked else b"error" if self.kind is not None else b"ok"
+        headers.append(("semroute-status", status))
         if self.route is not None:
             headers.append(("semroute-route", self.route.encode()))
         key = self.src.key if self.copy_envelope else None
@@ -271,3 +284,88 @@ def dead_letter_record(
     }
     originals = {"headers": _headers_bytes(src.headers), "key": src.key, "value": value}
     return _dumps_within(record, limit, originals)
+
+
+def parked_record(
+    src: Source,
+    raw: bytes | None,
+    *,
+    decision: dict[str, Any],
+    route: str,
+    endpoint: str,
+    parked_at_ms: int,
+    times: int,
+) -> bytes:
+    """A message parked on its endpoint's retry topic: everything needed to answer it later
+    without encoding or deciding again (the original bytes, key, headers and coordinates)."""
+    record = {
+        "schema": PARKED_SCHEMA,
+        "source": {
+            "topic": src.topic,
+            "partition": src.partition,
+            "offset": src.offset,
+            "timestamp_ms": src.timestamp_ms,
+        },
+        "key": None if src.key is None else base64.b64encode(src.key).decode("ascii"),
+        "headers": [
+            [
+                base64.b64encode(k.encode("utf-8", "surrogateescape")).decode("ascii"),
+                None if v is None else base64.b64encode(v).decode("ascii"),
+            ]
+            for k, v in src.headers
+        ],
+        "value": None if raw is None else base64.b64encode(raw).decode("ascii"),
+        "decision": decision,
+        "route": route,
+        "endpoint": endpoint,
+        "parked_at_ms": parked_at_ms,
+        "times": times,
+    }
+    return _dumps(record)
+
+
+@dataclass(frozen=True)
+class Parked:
+    """A parked message read back from a retry topic."""
+
+    src: Source
+    raw: bytes | None
+    decision: dict[str, Any]
+    route: str
+    endpoint: str
+    parked_at_ms: int
+    times: int
+
+
+def read_parked(value: bytes | None) -> Parked:
+    """Parse a retry-topic record written by :func:`parked_record` (``ValueError`` if not)."""
+    try:
+        data = orjson.loads(value or b"")
+        if data.get("schema") != PARKED_SCHEMA:
+            raise ValueError(f"not a {PARKED_SCHEMA} record")
+        source = data["source"]
+        b64 = base64.b64decode
+        headers = tuple(
+            (b64(k).decode("utf-8", "surrogateescape"), None if v is None else b64(v))
+            for k, v in data["headers"]
+        )
+        src = Source(
+            source["topic"],
+            int(source["partition"]),
+            int(source["offset"]),
+            source["timestamp_ms"],
+            None if data["key"] is None else b64(data["key"]),
+            headers,  # type: ignore[arg-type]
+        )
+        raw = None if data["value"] is None else b64(data["value"])
+        return Parked(
+            src,
+            raw,
+            data["decision"],
+            str(data["route"]),
+            str(data["endpoint"]),
+            int(data["parked_at_ms"]),
+            int(data["times"]),
+        )
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as err:
+        raise ValueError(f"unreadable parked record: {err!r}") from err

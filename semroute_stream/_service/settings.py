@@ -100,6 +100,8 @@ class OutputConfig(_Section):
     max_record_bytes: int = Field(default=1_000_000, ge=16_384)
     # Create missing output topics at start-up and on reload (else: fail fast, naming them).
     create_topics: bool = True
+    # Retry (parking) topics: "<prefix><endpoint>"; default prefix "<input.topic>.retry.".
+    retry_topic_prefix: str | None = None
     # Outcome timestamps: the input record's (as Kafka Streams does; immune to this host's
     # clock) or this host's clock.
     timestamps: Literal["input", "now"] = "input"
@@ -150,6 +152,11 @@ class FlowConfig(_Section):
     drain_timeout_s: float = Field(default=30.0, ge=0)
     rebalance_drain_timeout_s: float = Field(default=10.0, ge=0)
     circuit_open_max_wait_s: float = Field(default=300.0, ge=0)
+    # llm mode: a message whose endpoint has been unavailable (breaker open, misconfigured) this
+    # long is parked on the endpoint's retry topic, so its partition's offset moves on and other
+    # routes keep flowing; it is answered when the endpoint is back. None: wait (then DLQ
+    # after circuit_open_max_wait_s) instead.
+    park_after_s: float | None = Field(default=30.0, gt=0)
     transaction_timeout_ms: int = Field(default=60_000, ge=1_000)  # exactly_once only
 
 
@@ -213,6 +220,32 @@ class Settings(BaseSettings):
     logging: LoggingConfig = LoggingConfig()
     reload: ReloadConfig = ReloadConfig()
     tracing: TracingConfig = TracingConfig()
+
+    @property
+    def parking(self) -> bool:
+        """Whether messages of an unavailable endpoint are parked on retry topics."""
+        return self.mode == "llm" and self.flow.park_after_s is not None
+
+    def retry_topic(self, endpoint: str) -> str:
+        """The retry (parking) topic of ``endpoint``."""
+        prefix = self.output.retry_topic_prefix or f"{self.input.topic}.retry."
+        return f"{prefix}{endpoint}"
+
+    def retry_topics(self) -> dict[str, str]:
+        """Retry topic → endpoint, for every endpoint (empty when parking is off)."""
+        if not self.parking:
+            return {}
+        return {self.retry_topic(name): name for name in sorted(self.endpoints)}
+
+    @model_validator(mode="after")
+    def _retry_topics_are_valid(self) -> Settings:
+        for topic in self.retry_topics():
+            problem = topic_name_problem(topic)
+            if problem:
+                raise ValueError(
+                    f"retry topic {topic!r} (output.retry_topic_prefix + endpoint): {problem}"
+                )
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -24,10 +24,11 @@ log = logging.getLogger("semroute_stream")
 
 
 def output_topics(routes: RoutesConfig, settings: Settings) -> list[str]:
-    """Every topic an outcome of these routes can be written to (the DLQ included)."""
+    """Every topic an outcome of these routes can be written to (the DLQ and, when parking
+    is on, the retry topics included)."""
     out = settings.output
     names = [out.topic_for(r.name) for r in routes.routes] + [out.topic_for(routes.fallback.name)]
-    return sorted({*names, out.dlq_topic})
+    return sorted({*names, out.dlq_topic, *settings.retry_topics()})
 
 
 def check_topic_names(routes: RoutesConfig, settings: Settings) -> None:

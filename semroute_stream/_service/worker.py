@@ -38,6 +38,7 @@ from .records import (
     dead_letter_record,
     envelope_bytes,
     outcome_record,
+    parked_record,
 )
 from .settings import Settings
 
@@ -75,6 +76,13 @@ class Routed:
     target: Target | None  # None in route_only mode
     timings: dict[str, float]  # ms: queue, encode, decide (llm and total are added)
     received: float  # wall clock when its batch was fetched
+    consumed: Source | None = None  # a parked message: the retry-topic record it came from
+    parked_at_ms: int | None = None  # a parked message: when it was first parked
+    times_parked: int = 0
+
+
+class _Park(Exception):
+    """The endpoint has been unavailable for ``flow.park_after_s``: park the message."""
 
 
 def route_targets(routes: RoutesConfig, settings: Settings) -> dict[str, Target]:
@@ -140,7 +148,13 @@ class Worker:
         return None
 
     def _dead_letter(
-        self, src: Source, raw: bytes | None, received: float, kind: str, **fields: Any
+        self,
+        src: Source,
+        raw: bytes | None,
+        received: float,
+        kind: str,
+        consumed: Source | None = None,
+        **fields: Any,
     ) -> Outcome:
         copy = kind not in _ENVELOPE_KINDS
         value = dead_letter_record(
@@ -162,6 +176,7 @@ class Worker:
             kind=kind,
             copy_envelope=copy,
             timestamp_ms=self._timestamp(src),
+            consumed=consumed,
         )
 
     def rejected(self, src: Source, raw: bytes | None, err: InputError, received: float) -> Outcome:
@@ -188,6 +203,7 @@ class Worker:
             routed.raw,
             routed.received,
             "internal_error",
+            routed.consumed,
             reason=repr(err),
             stage="handle",
             query=routed.query,
@@ -223,6 +239,7 @@ class Worker:
             kind="unpublishable",
             copy_envelope=False,
             timestamp_ms=self._timestamp(src),
+            consumed=outcome.consumed,
         )
 
     async def answer(self, routed: Routed) -> Outcome:
@@ -233,12 +250,16 @@ class Worker:
         llm_model = None
         timings = routed.timings
         if endpoint is not None:
+            if self._must_park(endpoint, waited=0.0):
+                return self.park(routed, endpoint)
             t0 = time.perf_counter()
             try:
                 with self._observer.tracer.span(
                     f"llm {endpoint}", {"semroute.endpoint": endpoint}, kind="client"
                 ):
                     result = await self._call(routed)
+            except _Park:
+                return self.park(routed, endpoint)
             except LLMError as err:
                 return self._llm_failed(routed, endpoint, err)
             finally:
@@ -274,6 +295,52 @@ class Worker:
             routed.route,
             fallback=routed.is_fallback,
             timestamp_ms=self._timestamp(src),
+            consumed=routed.consumed,
+        )
+
+    def _must_park(self, endpoint: str, *, waited: float) -> bool:
+        park_after = self.settings.flow.park_after_s
+        if park_after is None or self.llm is None:
+            return False
+        if waited >= park_after:
+            return True
+        # Parked at once only while the breaker is open: half-open, a trial call must get
+        # through, or the endpoint could never be seen to work again.
+        down = self.llm.breaker_state(endpoint) == "open"
+        return down and self.llm.unavailable_for(endpoint) >= park_after
+
+    def park(self, routed: Routed, endpoint: str) -> Outcome:
+        """Not an answer yet: the message goes, with its decision, to the endpoint's retry
+        topic (durably, like an outcome, so its offset moves on); it comes back to the router
+        from there and is answered once the endpoint works again."""
+        src = routed.src
+        now_ms = int(time.time() * 1000)
+        value = parked_record(
+            src,
+            routed.raw,
+            decision=routed.decision,
+            route=routed.route,
+            endpoint=endpoint,
+            parked_at_ms=routed.parked_at_ms or now_ms,
+            times=routed.times_parked + 1,
+        )
+        if routed.times_parked == 0:
+            log.warning(
+                "parked %s on %s: endpoint %s unavailable",
+                src.idempotency_key,
+                self.settings.retry_topic(endpoint),
+                endpoint,
+                extra=coords(src),
+            )
+        return Outcome(
+            src,
+            self.settings.retry_topic(endpoint),
+            value,
+            routed.received,
+            routed.route,
+            timestamp_ms=self._timestamp(src),
+            parked=True,
+            consumed=routed.consumed,
         )
 
     def _llm_failed(self, routed: Routed, endpoint: str, err: LLMError) -> Outcome:
@@ -297,6 +364,7 @@ class Worker:
             routed.raw,
             routed.received,
             err.kind,
+            routed.consumed,
             reason=str(err),
             stage="llm",
             query=routed.query,
@@ -316,8 +384,11 @@ class Worker:
         assert self.llm is not None and routed.target is not None
         target = routed.target
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.flow.circuit_open_max_wait_s
+        started = loop.time()
+        deadline = started + self.settings.flow.circuit_open_max_wait_s
         while True:
+            if self._must_park(target.endpoint, waited=loop.time() - started):
+                raise _Park
             try:
                 return await self.llm.complete(
                     target.endpoint,
@@ -328,6 +399,10 @@ class Worker:
                 )
             except CircuitOpenError as err:
                 wait = min(max(err.retry_after, 0.05), deadline - loop.time())
+                if self.settings.flow.park_after_s is not None:  # wake up to park in time
+                    wait = min(
+                        wait, max(0.05, started + self.settings.flow.park_after_s - loop.time())
+                    )
                 if wait <= 0:
                     # on shutdown the drain timeout cancels us first: redelivered
                     why = self.llm.misconfigured().get(target.endpoint)
