@@ -165,6 +165,17 @@ def _windows(
     return out
 
 
+#: Records that must each end as one dead letter without disturbing the service (issue 11).
+HOSTILE: list[bytes] = [
+    b'{"text": "hi", "x": ' + b"[" * 300 + b"]" * 300 + b"}",  # nested deeper than the limit
+    bytes(range(256)) * 3200,  # 800 KB of binary
+    bytes([1, 2, 27]) * 70_000,  # 200 KB of control bytes
+    b'{"text": "hi", "deep": ' + b"[" * 253 + b"]" * 253 + b"}",  # a field 253 levels deep
+    b"\xff\xfe not utf-8",
+    b"[1, 2, 3]",
+]
+
+
 async def soak(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
     mode = "llm" if args.llm else "route_only"
@@ -198,7 +209,9 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         stub = StubProcess(args.llm_latency, tuned=not args.stock_stub) if args.llm else None
         router: RouterProcess | None = None
         collector = OutputCollector(bootstrap, [f"{topic}.out", f"{topic}.dlq"])
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, acks="all", max_request_size=2 * 1024 * 1024
+        )
         lag = LagProbe(bootstrap, f"g-{topic}", topic)
         samples: list[dict[str, Any]] = []
         stop_sampling = asyncio.Event()
@@ -234,7 +247,11 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             )
             log(f"producing {args.rate:g} msg/s for {args.duration:g}s")
 
+            every = args.hostile_every
+
             def make(i: int) -> tuple[str, bytes]:
+                if every and i % every == every - 1:  # a hostile record: one dead letter
+                    return f"h{i}", HOSTILE[(i // every) % len(HOSTILE)]
                 ident = f"s{i}"
                 return ident, payload(ident, texts[i % len(texts)])
 
@@ -281,8 +298,13 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                 await collector.stop()
             if stub is not None:
                 stub.stop()
-        produced_ids = [i for i, _ in sent.sent]
+        produced_ids = [i for i, _ in sent.sent if i.startswith("s")]
         delivery = delivery_check(produced_ids, collector.outcomes)
+        hostile_sent = len(sent.sent) - len(produced_ids)
+        delivery["hostile_sent"] = hostile_sent
+        delivery["hostile_dead_letters"] = sum(
+            1 for o in collector.outcomes if o.ident is None and o.status != "ok"
+        )
         delivery["all_outcomes_within_drain_timeout"] = all_in
         delivery["committed_caught_up"] = caught_up
         result["delivery"] = delivery
@@ -329,7 +351,8 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             "pass": (
                 lost == 0
                 and dups == 0
-                and delivery["dead_letters"] == 0
+                and delivery["dead_letters"] == delivery["hostile_sent"]
+                and delivery["hostile_dead_letters"] == delivery["hostile_sent"]
                 and throughput_ok
                 and result["memory"]["verdict"] != "growing"
             ),
@@ -410,6 +433,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=float,
         default=1.0,
         help="MiB/min of RSS growth over the second half still called stable (1.0)",
+    )
+    parser.add_argument(
+        "--hostile-every",
+        type=int,
+        default=0,
+        help="every Nth message is a hostile record (deep JSON, 800 KB binary, control bytes...)",
     )
     parser.add_argument("--drain-timeout", type=float, default=120.0, help="s to wait at the end")
     parser.add_argument("--workdir", help="keep the generated config and router log here")

@@ -73,13 +73,14 @@ def _kill_leftovers() -> None:
 class Router:
     """One ``semroute-stream run`` process (killed at exit if a test left it running)."""
 
-    def __init__(self, config: Path, *args: str, log: Path, wrapper: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, config: Path, *args: str, log: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.log = log
         self._out = log.open("ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        environ = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
             [
-                *wrapper,  # e.g. ("faketime", "-f", "+2h"): the router's clock moved
                 sys.executable,
                 "-m",
                 "semroute_stream",
@@ -89,7 +90,7 @@ class Router:
                 *args,
             ],
             cwd=REPO,
-            env=env,
+            env=environ,
             stdout=self._out,
             stderr=subprocess.STDOUT,
         )
