@@ -1,6 +1,7 @@
 """The service commands: ``run`` (the Kafka service), ``replay`` and ``check``.
 
-Each imports the service lazily, so the offline commands never load aiokafka.
+Each imports the service's modules when it runs (the package itself already loads them: its
+public API includes ``run_service``).
 """
 
 from __future__ import annotations

@@ -337,7 +337,7 @@ class Router:
     """Routes texts or embeddings with one routes config and one encoder.
 
     ``cache_dir``: where trained route heads are cached (default: ``heads/`` under the
-    encoder's cache root, see ``_model_build.default_cache_root``); ``cache=False``: none."""
+    encoder's cache root, see ``_files.default_cache_root``); ``cache=False``: none."""
 
     def __init__(
         self,

@@ -42,13 +42,13 @@ import orjson
 import pydantic
 
 from .._errors import (
-    CircuitOpenError,
     ConfigError,
     LLMMisconfiguredError,
     LLMPermanentError,
     LLMRetryableError,
 )
 from .._input import json_deeper_than
+from .breaker import CircuitBreaker
 
 __all__ = ["EndpointConfig", "LLMPool", "LLMResult", "resolve_api_keys"]
 
@@ -127,75 +127,6 @@ def resolve_api_keys(endpoints: Mapping[str, EndpointConfig]) -> dict[str, str]:
     return keys
 
 
-class _Breaker:
-    """Consecutive-failure circuit breaker; see the module docstring."""
-
-    def __init__(
-        self, name: str, threshold: int, reset_s: float, clock: Callable[[], float]
-    ) -> None:
-        self._name = name
-        self._threshold = threshold
-        self._reset_s = reset_s
-        self._clock = clock
-        self._failures = 0
-        self._opened_at: float | None = None
-        self._trial_running = False
-        self.down_since: float | None = None  # when it last opened after being closed
-
-    @property
-    def state(self) -> str:
-        if self._opened_at is None:
-            return "closed"
-        if self._clock() - self._opened_at < self._reset_s:
-            return "open"
-        return "half_open"
-
-    def admit(self) -> bool:
-        """Let a call through (returns whether it is the half-open trial) or fail fast."""
-        if self._opened_at is None:
-            return False
-        wait = self._opened_at + self._reset_s - self._clock()
-        if wait > 0:
-            raise CircuitOpenError(
-                f"circuit breaker open for {wait:.1f}s more",
-                endpoint=self._name,
-                retry_after=wait,
-            )
-        if self._trial_running:
-            raise CircuitOpenError(
-                "circuit breaker half-open, trial call running",
-                endpoint=self._name,
-                retry_after=0.1,
-            )
-        self._trial_running = True
-        return True
-
-    def end_trial(self) -> None:
-        self._trial_running = False
-
-    def trip(self) -> None:
-        """Open now, whatever the count (the endpoint is misconfigured)."""
-        self._failures = self._threshold
-        self._opened_at = self._clock()
-        if self.down_since is None:
-            self.down_since = self._opened_at
-
-    def record(self, *, ok: bool) -> bool:
-        """Record a call's outcome; returns True when this opened (or reopened) the breaker."""
-        if ok:
-            self._failures = 0
-            self._opened_at = None
-            self.down_since = None
-            return False
-        self._failures += 1
-        if self._failures < self._threshold:
-            return False
-        self._opened_at = self._clock()
-        if self.down_since is None:
-            self.down_since = self._opened_at
-        return True
-
-
 @dataclass(slots=True)
 class _Endpoint:
     name: str
@@ -204,7 +135,7 @@ class _Endpoint:
     headers: dict[str, str] = field(repr=False)
     api_key: str | None = field(repr=False)
     semaphore: asyncio.Semaphore
-    breaker: _Breaker
+    breaker: CircuitBreaker
     in_flight: int = 0
     misconfigured: str | None = None  # why, while the endpoint answers 401/403/404 or garbage
 
@@ -245,7 +176,7 @@ class LLMPool:
                 headers=headers,
                 api_key=key or None,
                 semaphore=asyncio.Semaphore(config.max_concurrency),
-                breaker=_Breaker(
+                breaker=CircuitBreaker(
                     name, config.circuit_failure_threshold, config.circuit_reset_s, clock
                 ),
             )

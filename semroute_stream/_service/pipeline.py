@@ -24,13 +24,14 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from .._errors import InputError
-from .._input import Query, check_envelope, parse_input
+from .._input import Query
 from .._routing.router import Router
 from .bounds import RunBounds
 from .delivery import RECORD_ERRORS, Outbox
 from .health import Activity, Health
+from .intake import decided, hold_retries, read_query, unparked
 from .observe import HttpServer, Metrics, Observer, RunStats
-from .records import Outcome, Source, coords, read_parked
+from .records import Outcome, Source, coords
 from .reload import LiveRoutes
 from .settings import Settings
 from .tasks import PartitionTasks
@@ -216,7 +217,9 @@ class Pipeline:
             await self._wait_for_capacity()
             if self._stopping.is_set():
                 break
-            self._hold_retries()
+            hold_retries(
+                self.settings, self.worker.llm, self._consumer, self._assigned, self.activity
+            )
             generation = self._revocations
             batch = self._bounds.cut(await self._next_batch(), self.stats.consumed)
             if batch:
@@ -333,22 +336,7 @@ class Pipeline:
                 self._unpark(src, rec.value, received)
                 continue
             try:
-                check_envelope(
-                    src.key,
-                    src.headers,
-                    max_key_bytes=inp.max_key_bytes,
-                    max_headers=inp.max_headers,
-                    max_header_bytes=inp.max_header_bytes,
-                )
-                query = parse_input(
-                    rec.value,
-                    format=inp.format,
-                    text_field=inp.text_field,
-                    id_field=inp.id_field,
-                    max_bytes=inp.max_message_bytes,
-                    max_chars=inp.max_text_chars,
-                    max_depth=inp.max_json_depth,
-                )
+                query = read_query(inp, src, rec.value)
             except InputError as err:
                 outcome = self.worker.rejected(src, rec.value, err, received)
                 self._tasks.spawn(self._deliver(outcome), src)
@@ -357,67 +345,21 @@ class Pipeline:
         return good
 
     def _unpark(self, at: Source, value: bytes | None, received: float) -> None:
-        """A parked message back from its retry topic: answer it with the decision it was
-        parked with (no encoding, no deciding again)."""
-        inp = self.settings.input
+        """A parked message back from its retry topic: answered with its parked decision."""
         try:
-            parked = read_parked(value)
-            query = parse_input(
-                parked.raw,
-                format=inp.format,
-                text_field=inp.text_field,
-                id_field=inp.id_field,
-                max_bytes=inp.max_message_bytes,
-                max_chars=inp.max_text_chars,
-                max_depth=inp.max_json_depth,
-            )
-        except (ValueError, InputError) as err:
-            error = err if isinstance(err, InputError) else InputError("invalid_json", str(err))
-            self._tasks.spawn(self._deliver(self.worker.rejected(at, value, error, received)), at)
+            routed = unparked(self.settings, self.routes, at, value, received)
+        except InputError as err:
+            self._tasks.spawn(self._deliver(self.worker.rejected(at, value, err, received)), at)
             return
-        targets = self.routes.targets
-        fallback = self.routes.router.routes.fallback.name
-        routed = Routed(
-            src=parked.src,
-            query=query,
-            raw=parked.raw,
-            decision=parked.decision,
-            route=parked.route,
-            is_fallback=bool(parked.decision.get("is_fallback")),
-            target=targets.get(parked.route) or targets.get(fallback),
-            timings={"parked": received * 1000 - parked.parked_at_ms},
-            received=received,
-            consumed=at,
-            parked_at_ms=parked.parked_at_ms,
-            times_parked=parked.times,
-        )
         self._tasks.spawn(self._handle(routed), at)
-
-    def _hold_retries(self) -> None:
-        """Keep a retry topic's partitions paused while its endpoint's breaker is open (its
-        parked messages would only be parked again); release them when a trial may run."""
-        retries, llm = self.settings.retry_topics(), self.worker.llm
-        if not retries or llm is None:
-            return
-        held = self.activity.held
-        for tp in self._assigned:
-            endpoint = retries.get(tp.topic)
-            if endpoint is None:
-                continue
-            down = llm.breaker_state(endpoint) == "open"
-            if down and tp not in held:
-                held.add(tp)
-                self._consumer.pause(tp)
-            elif not down and tp in held:
-                held.discard(tp)
-                if not self.activity.paused and tp not in self.activity.stalled:
-                    self._consumer.resume(tp)
 
     async def _decide(self, good: list[tuple[Source, Query, Record]], received: float) -> None:
         """Encode and decide the parsed messages in one call each; spawn their tasks."""
         tracer = self.observer.tracer
         # One router (and its targets) decides the whole batch, even if a reload swaps it.
         router, targets = self.routes.router, self.routes.targets
+        if self.routes.record_limit is not None:
+            self.worker.record_limit = self.routes.record_limit
         t0 = time.perf_counter()
         with tracer.span("encode", {"messaging.batch.message_count": len(good)}):
             texts = [q.text for _, q, _ in good]
@@ -430,22 +372,8 @@ class Pipeline:
         self.metrics.decide_seconds.observe(t2 - t1)
         shared = {"encode": (t1 - t0) * 1000, "decide": (t2 - t1) * 1000}
         for i, (src, query, rec) in enumerate(good):
-            explanation = decisions.explain(i, router.table)
-            explanation["routes_version"] = router.version
-            explanation["model"] = router.encoder.model_name
-            route = str(explanation["route"])
-            queue_ms = max(0.0, received * 1000 - rec.timestamp) if rec.timestamp else 0.0
-            routed = Routed(
-                src=src,
-                query=query,
-                raw=rec.value,
-                decision=explanation,
-                route=route,
-                is_fallback=bool(explanation["is_fallback"]),
-                target=targets.get(route),
-                timings={"queue": queue_ms, **shared},
-                received=received,
-            )
+            routed = decided(router, decisions, i, targets, src, query, rec.value, received)
+            routed.timings.update(shared)
             self._tasks.spawn(self._handle(routed), src)
 
     async def _handle(self, routed: Routed) -> None:

@@ -46,6 +46,8 @@ class LiveRoutes:
         self.lock = asyncio.Lock()
         self._llm = llm
         self._on_broker = on_broker  # outputs are topics (not a replay file): check them
+        #: set by a reload that read the output topics' limit anew (the worker follows it)
+        self.record_limit: int | None = None
         self._metrics = metrics
         self._wanted = asyncio.Event()
         self._stamp: tuple[int, int, int] | None = None
@@ -84,8 +86,10 @@ class LiveRoutes:
                 return False
             targets = route_targets(routes, self.settings) if self._llm else {}
             check_topic_names(routes, self.settings)
+            limit = None
             if self.settings.output.per_route_topics and self._on_broker:
-                await ensure_output_topics(self.settings, output_topics(routes, self.settings))
+                topics = output_topics(routes, self.settings)
+                limit = await ensure_output_topics(self.settings, topics)
             router = await asyncio.to_thread(Router, routes, self.router.encoder)
         except Exception as err:  # whatever is wrong with the new file, the service goes on
             self._metrics.reloads.labels("rejected").inc()
@@ -98,6 +102,8 @@ class LiveRoutes:
             return False
         async with self.lock:  # between batches
             self.router, self.targets = router, targets
+            if limit is not None:  # the new routes' topics may take smaller records
+                self.record_limit = limit
         self._metrics.routes.info({"version": router.version})
         self._metrics.reloads.labels("applied").inc()
         log.info(

@@ -248,7 +248,7 @@ class Worker:
         endpoint = self.endpoint_of(routed)
         response: dict[str, Any] | None = None
         llm_model = None
-        timings = routed.timings
+        timings = dict(routed.timings)  # Routed stays as it was made
         if endpoint is not None:
             if self._must_park(endpoint, waited=0.0):
                 return self.park(routed, endpoint)
