@@ -5,6 +5,7 @@ processes on a real broker (run with the fault suite: ``-m faults``). Figures go
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from pathlib import Path
@@ -31,6 +32,17 @@ from service_helpers import ROUTES, make_settings, produce, settings_yaml
 from test_faults import DELIVERY, PARTITIONS, _port_below_ephemeral_range, _send_all
 
 pytestmark = [pytest.mark.kafka, pytest.mark.faults]
+
+
+async def _readyz_until(port: int, text: str, timeout: float) -> tuple[int, str]:
+    """Poll ``/readyz`` until its answer holds ``text`` (or the timeout); the last answer."""
+    status, why = 0, ""
+    deadline = time.monotonic() + timeout
+    while text not in why and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        with contextlib.suppress(OSError):  # the server is not up yet
+            status, why = await http_get(port, "/readyz")
+    return status, why
 
 
 async def _wait_for_log(router: Router, text: str, timeout: float) -> None:
@@ -114,14 +126,7 @@ async def test_a_revoked_api_key_pauses_the_endpoint_instead_of_dead_lettering(
             observability={"metrics_port": port},
         )
         router = Router(config, "--idle-timeout", "8", log=tmp_path / "r.log")
-        status, why = 0, ""
-        deadline = time.monotonic() + 120
-        while "misconfigured" not in why and time.monotonic() < deadline:
-            await asyncio.sleep(0.5)
-            try:
-                status, why = await http_get(port, "/readyz")
-            except OSError:
-                continue
+        status, why = await _readyz_until(port, "misconfigured", timeout=120)
         assert status == 503 and "misconfigured" in why and "401" in why, router.output()
         requests_while_broken = stub.request_count
         await asyncio.sleep(3)
@@ -314,14 +319,10 @@ async def test_a_router_clock_two_hours_ahead_of_the_broker(
     if timestamps == "input":  # immune: outcomes carry their input's timestamp
         assert await skewed.wait() == 0, skewed.output()
     else:  # refused: a visible platform failure, nothing lost, nothing committed past it
-        deadline = time.monotonic() + 90
-        while "platform failure" not in why and time.monotonic() < deadline:
-            await asyncio.sleep(0.5)
-            try:
-                _, why = await http_get(port, "/readyz")
-            except OSError:
-                continue
-        assert "platform failure" in why and "InvalidTimestamp" in why, skewed.output()
+        status, why = await _readyz_until(port, "platform failure", timeout=90)
+        assert status == 503 and "platform failure" in why and "InvalidTimestamp" in why, (
+            skewed.output()
+        )
         skewed.signal(signal.SIGTERM)
         assert await skewed.wait() == 0, skewed.output()
         fixed = Router(config, "--idle-timeout", "6", log=tmp_path / "fixed.log")  # clock fixed
