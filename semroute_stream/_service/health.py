@@ -42,6 +42,8 @@ class Activity:
     stalled: dict[TopicPartition, str] = field(default_factory=dict)
     #: retry-topic partitions held (paused) while their endpoint is down
     held: set[TopicPartition] = field(default_factory=set)
+    #: per endpoint: (monotonic time of the next trial round from its retry topic, interval)
+    retry_backoff: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 class PipelineView(Protocol):

@@ -7,6 +7,8 @@ Pure functions over the settings and plain values; the pipeline calls them as it
 
 from __future__ import annotations
 
+import time
+
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from .._errors import InputError
@@ -110,20 +112,40 @@ def hold_retries(
     assigned: set[TopicPartition],
     activity: Activity,
 ) -> None:
-    """Keep a retry topic's partitions paused while its endpoint's breaker is open (its parked
-    messages would only be parked again); release them when a trial call may run."""
+    """Keep a retry topic's partitions paused while its endpoint is down: its parked messages
+    would only be parked again. They are released for a trial when the breaker is half-open,
+    at most once per backoff interval (the breaker's reset time, doubling to 30 s), so a long
+    outage does not cycle the whole retry backlog every few seconds."""
     retries = settings.retry_topics()
     if not retries or llm is None:
         return
+    now = time.monotonic()
+    held_now = {retries[tp.topic] for tp in activity.held if tp.topic in retries}
+    release: dict[str, bool] = {}
+    for endpoint in set(retries.values()):
+        state = llm.breaker_state(endpoint)
+        if state == "closed":
+            activity.retry_backoff.pop(endpoint, None)
+            release[endpoint] = True
+        elif state == "open":  # down, or a trial round just failed
+            release[endpoint] = False
+        elif endpoint not in held_now:  # half-open, released: until the trial round ends
+            release[endpoint] = True
+        else:  # half-open and held: one trial round now if it is due, the next one later
+            due, interval = activity.retry_backoff.get(endpoint, (0.0, 0.0))
+            release[endpoint] = now >= due
+            if release[endpoint]:
+                reset = settings.endpoints[endpoint].circuit_reset_s
+                step = min(max(2 * interval, reset, 1.0), 30.0)
+                activity.retry_backoff[endpoint] = (now + step, step)
     for tp in assigned:
-        endpoint = retries.get(tp.topic)
-        if endpoint is None:
+        name = retries.get(tp.topic)
+        if name is None:
             continue
-        down = llm.breaker_state(endpoint) == "open"
-        if down and tp not in activity.held:
+        if not release[name] and tp not in activity.held:
             activity.held.add(tp)
             consumer.pause(tp)
-        elif not down and tp in activity.held:
+        elif release[name] and tp in activity.held:
             activity.held.discard(tp)
             if not activity.paused and tp not in activity.stalled:
                 consumer.resume(tp)
