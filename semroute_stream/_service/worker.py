@@ -379,7 +379,8 @@ class Worker:
         (breaker closed); once the breaker has opened (an outage), it waits for the endpoint
         like every other call. A misconfigured endpoint (401/403/404, not a chat completion)
         pauses the same way: its calls wait for someone to fix it instead of dead-lettering
-        the stream. The wait is bounded by ``flow.circuit_open_max_wait_s``.
+        the stream. After ``flow.park_after_s`` of waiting the message is parked instead
+        (``_Park``); without parking the wait is bounded by ``flow.circuit_open_max_wait_s``.
         """
         assert self.llm is not None and routed.target is not None
         target = routed.target
