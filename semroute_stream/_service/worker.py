@@ -46,9 +46,16 @@ __all__ = ["Routed", "Target", "Worker", "route_targets"]
 
 log = logging.getLogger("semroute_stream")
 
-# Dead letters of these kinds do not copy the input's key and headers (they were the problem).
-_ENVELOPE_KINDS = frozenset(
-    {"oversized_key", "too_many_headers", "oversized_headers", "undecodable_header_key"}
+# Dead letters of these kinds do not copy the input's key and headers back into Kafka: they
+# were the problem, or (unpublishable) the broker refused the record that carried them.
+_NO_COPY_KINDS = frozenset(
+    {
+        "oversized_key",
+        "too_many_headers",
+        "oversized_headers",
+        "undecodable_header_key",
+        "unpublishable",
+    }
 )
 
 _LOGGED_TEXT_CHARS = 1000  # with logging.log_message_text, at most this much of a message
@@ -154,9 +161,10 @@ class Worker:
         received: float,
         kind: str,
         consumed: Source | None = None,
+        route: str | None = None,
         **fields: Any,
     ) -> Outcome:
-        copy = kind not in _ENVELOPE_KINDS
+        copy = kind not in _NO_COPY_KINDS
         value = dead_letter_record(
             src,
             raw,
@@ -167,12 +175,14 @@ class Worker:
             **fields,
         )
         decision = fields.get("decision")
+        if route is None and decision:
+            route = decision["route"]
         return Outcome(
             src,
             self.settings.output.dlq_topic,
             value,
             received,
-            decision["route"] if decision else None,
+            route,
             kind=kind,
             copy_envelope=copy,
             timestamp_ms=self._timestamp(src),
@@ -221,25 +231,15 @@ class Worker:
             err,
             extra=coords(src),
         )
-        value = dead_letter_record(
+        return self._dead_letter(
             src,
             None,
-            kind="unpublishable",
+            outcome.received,
+            "unpublishable",
+            outcome.consumed,
+            route=outcome.route,
             reason=f"{outcome.topic}: {err!r}",
             stage="publish",
-            limit=self._limit(src, False),
-            copy_envelope=False,
-        )
-        return Outcome(
-            src,
-            self.settings.output.dlq_topic,
-            value,
-            outcome.received,
-            outcome.route,
-            kind="unpublishable",
-            copy_envelope=False,
-            timestamp_ms=self._timestamp(src),
-            consumed=outcome.consumed,
         )
 
     async def answer(self, routed: Routed) -> Outcome:
