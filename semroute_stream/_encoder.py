@@ -21,15 +21,18 @@ and ``InferenceSession.run`` is thread-safe.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 import pydantic
 from pydantic import Field
 
+from ._backends import Backend, cpu_features, open_backend, pick_backend, supported_precisions
 from ._errors import ModelError
 from ._model_build import (
     DEFAULT_MODEL_ID,
@@ -39,17 +42,29 @@ from ._model_build import (
     provision_default_model,
 )
 
-__all__ = ["Encoder", "EncoderConfig", "SubBatch"]
+__all__ = [
+    "FIDELITY_MIN",
+    "Encoder",
+    "EncoderConfig",
+    "SubBatch",
+    "fidelity_probe_texts",
+    "read_pooling",
+]
 
 _BUILTIN_NAMES = frozenset({DEFAULT_MODEL_NAME, DEFAULT_MODEL_ID})
 _POOLED_OUTPUT_NAMES = ("sentence_embedding", "sentence_embeddings", "embeddings", "text_embeds")
 #: Cost model of one model call, in token-equivalents (see ``_split_sorted``).
 _CALL_OVERHEAD_TOKENS = 16.0
 _ATTENTION_TOKENS = 800.0
-_ORT_INT_TYPES: dict[str, type[np.signedinteger[Any]]] = {
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-}
+#: ``precision: auto`` keeps bf16 only when every probe text is at least this close to fp32.
+FIDELITY_MIN = 0.9999
+_POOLING_KEYS = (
+    ("pooling_mode_cls_token", "cls"),
+    ("pooling_mode_lasttoken", "lasttoken"),
+    ("pooling_mode_max_tokens", "max"),
+    ("pooling_mode_mean_tokens", "mean"),
+)
+_log = logging.getLogger("semroute_stream.encoder")
 
 
 class EncoderConfig(pydantic.BaseModel):
@@ -57,8 +72,27 @@ class EncoderConfig(pydantic.BaseModel):
 
     model_config = pydantic.ConfigDict(extra="forbid")
 
-    #: ``all-MiniLM-L6-v2`` (built-in), or a directory holding model.onnx + tokenizer.json.
+    #: ``all-MiniLM-L6-v2`` (built-in), a directory holding model.onnx + tokenizer.json, or a
+    #: Hugging Face repo id (``org/name``) resolved by huggingface_hub (see :mod:`._models`).
     model: str = DEFAULT_MODEL_NAME
+    #: The hub revision (commit, tag or branch) of a repo id; pin a commit for reproducible runs.
+    revision: str | None = None
+    #: sha256 of the model's weights file (model.onnx, or model.safetensors when built here),
+    #: checked after download; the built-in default's is known and always checked.
+    sha256: str | None = None
+    #: ``auto`` reads the model's ``1_Pooling/config.json`` (mean when there is none).
+    pooling: Literal["auto", "mean", "cls", "max", "lasttoken"] = "auto"
+    #: Prepended to every text before tokenizing (E5/BGE-style models: ``"query: "``).
+    query_prefix: str = ""
+    #: L2-normalise the embeddings (the routing core's cosines assume unit vectors).
+    normalize: bool = True
+    #: ``auto``: OpenVINO when it is installed (the ``[openvino]`` extra), else ONNX Runtime.
+    backend: Literal["auto", "onnxruntime", "openvino"] = "auto"
+    #: ``auto``: bf16 only on a CPU with native bf16 matrix units (AMX, AVX512-BF16) and a model
+    #: that passes the fidelity probe at load; fp32 otherwise. bf16 needs the OpenVINO backend.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    #: ONNX Runtime execution providers, in order of preference (e.g. CUDAExecutionProvider).
+    execution_providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
     #: Texts are truncated to this many tokens (special tokens included).
     max_length: Annotated[int, Field(gt=0, le=512)] = 256
     #: ONNX Runtime intra-op threads; 0 = its default (one per physical core).
@@ -86,11 +120,18 @@ class SubBatch(NamedTuple):
 
 
 class Encoder:
-    """Embeds texts into L2-normalised vectors with an ONNX sentence-embedding model."""
+    """Embeds texts into (L2-normalised) vectors with an ONNX sentence-embedding model."""
 
     model_name: str
     dim: int
     max_length: int
+    #: The backend and precision in use (after ``auto`` was resolved).
+    backend: str
+    precision: str
+    #: Min cosine of the shipped probe texts, bf16 vs fp32, when bf16 was considered.
+    fidelity: float | None
+    #: How token states are pooled: mean, cls, max, lasttoken, or "model" (already pooled).
+    pooling: str
 
     def __init__(self, config: EncoderConfig | None = None) -> None:
         self.config = config if config is not None else EncoderConfig()
@@ -99,16 +140,12 @@ class Encoder:
         self._tokenizer, self._pad_id = _load_tokenizer(
             self.model_dir / TOKENIZER_FILE, self.max_length
         )
-        try:
-            self._session = _load_session(self.model_dir / MODEL_FILE, self.config)
-        except ModelError as exc:
-            if self.model_name != DEFAULT_MODEL_ID:
-                raise
-            raise ModelError(
-                f"{exc} (delete {self.model_dir} to rebuild the cached model)"
-            ) from exc
+        self.fidelity = None
+        backend_name = pick_backend(self.config.backend, self.config.execution_providers)
+        self._backend = self._open(backend_name, "fp32")
         self._input_dtypes = self._check_inputs()
-        self._output_name, declared_dim = self._pick_output()
+        self._output_name, declared_dim, rank = self._pick_output()
+        self.pooling = self._pick_pooling(rank)
         probe = self._run(self.prepare(["semroute-stream warm-up"])[0])
         self.dim = int(probe.shape[1])
         if declared_dim is not None and declared_dim != self.dim:  # pragma: no cover - odd models
@@ -116,10 +153,13 @@ class Encoder:
                 f"{self.model_dir / MODEL_FILE}: output {self._output_name!r} declares dimension "
                 f"{declared_dim} but produced {self.dim}"
             )
+        self._choose_precision(backend_name)
+        self.backend, self.precision = self._backend.name, self._backend.precision
 
     def __repr__(self) -> str:
         return (
-            f"Encoder(model_name={self.model_name!r}, dim={self.dim}, max_length={self.max_length})"
+            f"Encoder(model_name={self.model_name!r}, dim={self.dim}, max_length={self.max_length}"
+            f", backend={self.backend!r}, precision={self.precision!r})"
         )
 
     # ---------------------------------------------------------------------------------------
@@ -127,7 +167,8 @@ class Encoder:
     # ---------------------------------------------------------------------------------------
 
     def encode(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
-        """Embed ``texts``: an ``(n, dim)`` float32 array of unit vectors, in input order."""
+        """Embed ``texts``: an ``(n, dim)`` float32 array (unit vectors unless ``normalize`` is
+        off), in input order."""
         batches = self.prepare(texts)
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         for batch in batches:
@@ -163,6 +204,63 @@ class Encoder:
     # Internals
     # ---------------------------------------------------------------------------------------
 
+    def _open(self, backend: str, precision: str) -> Backend:
+        cfg = self.config
+        try:
+            return open_backend(
+                self.model_dir / MODEL_FILE,
+                backend,
+                precision,
+                threads=cfg.intra_op_threads,
+                inter_op_threads=cfg.inter_op_threads,
+                spinning=cfg.allow_spinning,
+                providers=cfg.execution_providers,
+            )
+        except ModelError as exc:
+            if self.model_name != DEFAULT_MODEL_ID or "cannot load" not in str(exc):
+                raise
+            raise ModelError(
+                f"{exc} (delete {self.model_dir} to rebuild the cached model)"
+            ) from exc
+
+    def _choose_precision(self, backend: str) -> None:
+        """Switch to bf16 where asked (``bf16``) or where it pays and keeps fidelity (``auto``).
+
+        ``auto`` takes bf16 only with native bf16 units and when the shipped probe texts embed
+        within cosine :data:`FIDELITY_MIN` of fp32; the probe's worst cosine is kept in
+        ``fidelity`` and logged either way.
+        """
+        wanted = self.config.precision
+        native = supported_precisions(backend)
+        if wanted == "fp32" or (wanted == "auto" and "bf16" not in native):
+            return
+        if wanted == "bf16" and "bf16" not in native:
+            features = cpu_features()
+            raise ModelError(
+                f"encoder.precision bf16 needs encoder.backend openvino (not {backend})"
+                if backend != "openvino"
+                else f"encoder.precision bf16 needs a CPU with native bf16 units (AMX or "
+                f"AVX512-BF16); {features.model} has flags {features.as_dict()['flags']}"
+            )
+        texts = fidelity_probe_texts()
+        reference = self.encode(texts)
+        fp32 = self._backend
+        self._backend = self._open(backend, "bf16")
+        got = self.encode(texts)
+        self.fidelity = float(np.min(np.sum(reference * got, axis=1) / _norms(reference, got)))
+        if wanted == "auto" and self.fidelity < FIDELITY_MIN:
+            _log.warning(
+                "encoder: bf16 probe min cosine %.6f < %s for %s; staying on fp32",
+                self.fidelity,
+                FIDELITY_MIN,
+                self.model_name,
+            )
+            self._backend = fp32
+            return
+        _log.info(
+            "encoder: %s bf16 (probe min cosine vs fp32 %.6f)", self.model_name, self.fidelity
+        )
+
     def _tokenize(self, texts: Sequence[str]) -> list[Any]:
         if isinstance(texts, str):
             raise TypeError("encode() takes a sequence of strings, not a single string")
@@ -172,6 +270,9 @@ class Encoder:
         for i, text in enumerate(items):
             if not isinstance(text, str):
                 raise TypeError(f"texts[{i}] is {type(text).__name__}, not str")
+        prefix = self.config.query_prefix
+        if prefix:
+            items = [prefix + text for text in items]
         encodings: list[Any] = self._tokenizer.encode_batch(items, add_special_tokens=True)
         return encodings
 
@@ -193,15 +294,11 @@ class Encoder:
             else:  # token_type_ids
                 feed[name] = np.zeros(batch.input_ids.shape, dtype=dtype)
         try:
-            (raw,) = self._session.run([self._output_name], feed)
+            hidden = self._backend.run(self._output_name, feed)
         except Exception as exc:
             raise ModelError(f"{self.model_dir / MODEL_FILE}: inference failed: {exc}") from exc
-        hidden = np.asarray(raw, dtype=np.float32)
         if hidden.ndim == 3:
-            mask = batch.attention_mask.astype(np.float32)
-            summed = np.matmul(mask[:, None, :], hidden)[:, 0, :]
-            counts = np.maximum(mask.sum(axis=1, keepdims=True), np.float32(1e-9))
-            pooled = summed / counts
+            pooled = _pool(hidden, batch.attention_mask, self.pooling)
         elif hidden.ndim == 2:
             pooled = hidden
         else:
@@ -209,6 +306,8 @@ class Encoder:
                 f"{self.model_dir / MODEL_FILE}: output {self._output_name!r} has rank "
                 f"{hidden.ndim}; expected 3 (token states) or 2 (pooled embeddings)"
             )
+        if not self.config.normalize:
+            return pooled.astype(np.float32, copy=False)
         norms = np.linalg.norm(pooled, axis=1, keepdims=True)
         result: npt.NDArray[np.float32] = (pooled / np.maximum(norms, np.float32(1e-12))).astype(
             np.float32, copy=False
@@ -217,45 +316,83 @@ class Encoder:
 
     def _check_inputs(self) -> dict[str, type[np.signedinteger[Any]]]:
         model_path = self.model_dir / MODEL_FILE
-        dtypes: dict[str, type[np.signedinteger[Any]]] = {}
-        for arg in self._session.get_inputs():
-            if arg.name not in ("input_ids", "attention_mask", "token_type_ids"):
+        dtypes = self._backend.inputs
+        for name in dtypes:
+            if name not in ("input_ids", "attention_mask", "token_type_ids"):
                 raise ModelError(
-                    f"{model_path}: unsupported model input {arg.name!r}; expected input_ids, "
+                    f"{model_path}: unsupported model input {name!r}; expected input_ids, "
                     "attention_mask and optionally token_type_ids"
                 )
-            if arg.type not in _ORT_INT_TYPES:
-                raise ModelError(
-                    f"{model_path}: input {arg.name!r} has type {arg.type}, not int64/int32"
-                )
-            dtypes[arg.name] = _ORT_INT_TYPES[arg.type]
         if "input_ids" not in dtypes:
             raise ModelError(f"{model_path}: the model has no input_ids input")
         return dtypes
 
-    def _pick_output(self) -> tuple[str, int | None]:
+    def _pick_output(self) -> tuple[str, int | None, int | None]:
         """The output to use: token states (pooled here) or an already pooled embedding."""
-        outputs = {o.name: o for o in self._session.get_outputs()}
-
-        def rank(name: str) -> int | None:
-            shape = outputs[name].shape
-            return len(shape) if isinstance(shape, list) else None
-
+        outputs = {o.name: o for o in self._backend.outputs}
         chosen: str | None = None
         if "last_hidden_state" in outputs:
             chosen = "last_hidden_state"
         else:
             chosen = next((n for n in _POOLED_OUTPUT_NAMES if n in outputs), None)
         if chosen is None:
-            chosen = next((n for n in outputs if rank(n) in (2, 3)), None)
+            chosen = next((n for n, o in outputs.items() if o.rank in (2, 3)), None)
         if chosen is None:
             raise ModelError(
                 f"{self.model_dir / MODEL_FILE}: no usable output among {sorted(outputs)}; "
                 "expected last_hidden_state [batch, seq, dim] or a pooled embedding [batch, dim]"
             )
-        shape = outputs[chosen].shape
-        last = shape[-1] if isinstance(shape, list) and shape else None
-        return chosen, last if isinstance(last, int) else None
+        return chosen, outputs[chosen].dim, outputs[chosen].rank
+
+    def _pick_pooling(self, rank: int | None) -> str:
+        if rank == 2:
+            return "model"
+        if self.config.pooling != "auto":
+            return self.config.pooling
+        return read_pooling(self.model_dir) or "mean"
+
+
+def fidelity_probe_texts() -> list[str]:
+    """The fixed texts the bf16 fidelity probe embeds (shipped with the package)."""
+    path = Path(__file__).with_name("examples") / "fidelity_probe.txt"
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_pooling(directory: Path) -> str | None:
+    """The pooling a sentence-transformers model declares in ``1_Pooling/config.json``."""
+    try:
+        config = json.loads((directory / "1_Pooling" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    for key, mode in _POOLING_KEYS:
+        if config.get(key) is True:
+            return mode
+    return None
+
+
+def _pool(
+    hidden: npt.NDArray[np.float32], attention_mask: npt.NDArray[np.int64], mode: str
+) -> npt.NDArray[np.float32]:
+    mask = attention_mask.astype(np.float32)
+    pooled: npt.NDArray[np.float32]
+    if mode == "cls":
+        pooled = hidden[:, 0, :]
+    elif mode == "lasttoken":
+        last = np.maximum(attention_mask.sum(axis=1) - 1, 0)
+        pooled = hidden[np.arange(hidden.shape[0]), last, :]
+    elif mode == "max":
+        pooled = np.where(mask[:, :, None] > 0, hidden, np.float32(-np.inf)).max(axis=1)
+    else:
+        summed = np.matmul(mask[:, None, :], hidden)[:, 0, :]
+        pooled = summed / np.maximum(mask.sum(axis=1, keepdims=True), np.float32(1e-9))
+    return pooled
+
+
+def _norms(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    n: npt.NDArray[np.float32] = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.maximum(n, np.float32(1e-12))
 
 
 def _split_sorted(
@@ -352,21 +489,3 @@ def _load_tokenizer(path: Path, max_length: int) -> tuple[Any, int]:
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length=max_length)
     return tokenizer, int(pad_id)
-
-
-def _load_session(path: Path, config: EncoderConfig) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = config.intra_op_threads
-    options.inter_op_num_threads = config.inter_op_threads
-    spin = "1" if config.allow_spinning else "0"
-    options.add_session_config_entry("session.intra_op.allow_spinning", spin)
-    options.add_session_config_entry("session.inter_op.allow_spinning", spin)
-    options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise ModelError(f"cannot load ONNX model {path}: {exc}") from exc

@@ -384,3 +384,70 @@ def test_corrupt_cached_model_says_how_to_rebuild(model_cache: Path, tmp_path: P
     model.write_bytes(b"\0" * model.stat().st_size)  # same size: the cheap marker check passes
     with pytest.raises(ModelError, match="to rebuild the cached model"):
         Encoder(EncoderConfig(cache_dir=cache))
+
+
+# ------------------------------------------------------------------------------------------------
+# Pooling, query prefix, normalisation
+# ------------------------------------------------------------------------------------------------
+
+
+def test_pooling_modes_differ_and_follow_their_definition(model_cache: Path) -> None:
+    texts = ["refund my order", "The export to PDF button does nothing in Safari."]
+    raw = {
+        mode: Encoder(
+            EncoderConfig(
+                cache_dir=model_cache, pooling=mode, normalize=False, backend="onnxruntime"
+            )
+        )
+        for mode in ("mean", "cls", "max", "lasttoken")
+    }
+    assert all(enc.pooling == mode for mode, enc in raw.items())
+    got = {mode: enc.encode(texts) for mode, enc in raw.items()}
+    for a in got:
+        for b in got:
+            if a < b:
+                assert cosines(got[a], got[b]).max() < 0.999, (a, b)
+    # max pooling dominates mean pooling coordinate-wise; CLS of a text is its CLS alone.
+    assert np.all(got["max"] >= got["mean"] - 1e-5)
+    assert np.allclose(raw["cls"].encode(texts[:1]), got["cls"][:1], atol=1e-5)
+
+
+def test_pooling_auto_reads_the_model_card(model_cache: Path, tmp_path: Path) -> None:
+    built = mb.provision_default_model(model_cache)
+    user = tmp_path / "cls-model"
+    user.mkdir()
+    for name in ("model.onnx", "tokenizer.json"):
+        shutil.copy2(built / name, user / name)
+    (user / "1_Pooling").mkdir()
+    (user / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 384, "pooling_mode_cls_token": True}),
+        encoding="utf-8",
+    )
+    enc = Encoder(EncoderConfig(model=str(user), backend="onnxruntime"))
+    assert enc.pooling == "cls"
+    explicit = Encoder(EncoderConfig(model=str(user), backend="onnxruntime", pooling="cls"))
+    assert cosines(enc.encode(MIXED), explicit.encode(MIXED)).min() > 0.99999
+    default = Encoder(EncoderConfig(cache_dir=model_cache, backend="onnxruntime"))
+    assert default.pooling == "mean"  # all-MiniLM-L6-v2 declares mean; no card means mean too
+
+
+def test_query_prefix_is_prepended(model_cache: Path) -> None:
+    plain = Encoder(EncoderConfig(cache_dir=model_cache, backend="onnxruntime"))
+    prefixed = Encoder(
+        EncoderConfig(cache_dir=model_cache, backend="onnxruntime", query_prefix="query: ")
+    )
+    texts = ["how do I get a refund", "reset my password"]
+    assert cosines(prefixed.encode(texts), plain.encode([f"query: {t}" for t in texts])).min() > (
+        0.99999
+    )
+    assert cosines(prefixed.encode(texts), plain.encode(texts)).max() < 0.999
+    assert prefixed.count_tokens(["refund"]) == [plain.count_tokens(["refund"])[0] + 2]
+
+
+def test_normalize_off_keeps_raw_norms(model_cache: Path) -> None:
+    raw = Encoder(EncoderConfig(cache_dir=model_cache, backend="onnxruntime", normalize=False))
+    unit = Encoder(EncoderConfig(cache_dir=model_cache, backend="onnxruntime"))
+    got = raw.encode(MIXED)
+    norms = np.linalg.norm(got, axis=1)
+    assert np.all(np.abs(norms - 1.0) > 1e-3)
+    assert cosines(got, unit.encode(MIXED)).min() > 0.99999

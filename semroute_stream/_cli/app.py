@@ -31,7 +31,17 @@ def _common_options() -> argparse.ArgumentParser:
         "--model", help="built-in model name or a model directory (default: all-MiniLM-L6-v2)"
     )
     group.add_argument("--max-length", type=int, help="max tokens per text (default 256)")
-    group.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    group.add_argument("--threads", type=int, help="inference threads (default: one per core)")
+    group.add_argument(
+        "--backend",
+        choices=["auto", "onnxruntime", "openvino"],
+        help="inference backend (default auto: OpenVINO when installed, else ONNX Runtime)",
+    )
+    group.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        help="default auto: bf16 on CPUs with native bf16 units when the model passes the probe",
+    )
     return common
 
 

@@ -53,6 +53,8 @@ def make_encoder(args: argparse.Namespace) -> TextEncoder:
         "model": args.model,
         "max_length": args.max_length,
         "intra_op_threads": args.threads,
+        "backend": getattr(args, "backend", None),
+        "precision": getattr(args, "precision", None),
     }
     try:
         config = EncoderConfig(**{k: v for k, v in options.items() if v is not None})

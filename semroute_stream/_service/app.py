@@ -196,11 +196,12 @@ async def run_service(
     async with open_service(settings, llm_transport=llm_transport) as pipeline:
         with signal_handlers(pipeline) if handle_signals else contextlib.nullcontext():
             log.info(
-                "starting: topic=%s group=%s mode=%s routes=%s (version %s)",
+                "starting: topic=%s group=%s mode=%s routes=%s (version %s) encoder=%r",
                 settings.input.topic,
                 settings.input.group_id,
                 settings.mode,
                 settings.routes,
                 pipeline.router.version,
+                pipeline.router.encoder,
             )
             return await pipeline.run(max_messages=max_messages, idle_timeout_s=idle_timeout_s)

@@ -108,7 +108,12 @@ async def _check_encoder(settings: Settings, note: Note) -> None:
     except SemrouteError as err:
         note("FAIL", "encoder", str(err))
         return
-    note("ok", "encoder", f"{encoder.model_name} loads (dimension {encoder.dim})")
+    note(
+        "ok",
+        "encoder",
+        f"{encoder.model_name} loads (dimension {encoder.dim}, {encoder.backend} "
+        f"{encoder.precision})",
+    )
 
 
 async def _check_broker(settings: Settings, routes: RoutesConfig | None, note: Note) -> None:
