@@ -1,4 +1,4 @@
-"""Sentence encoder: tokenizers + ONNX Runtime (CPU) + numpy mean pooling.
+"""Sentence encoder: tokenizers + an inference backend + numpy pooling.
 
 ``Encoder(EncoderConfig()).encode(texts)`` returns L2-normalised float32 embeddings, one row per
 text, in input order. Texts are tokenized once, sorted by token length and cut into contiguous
@@ -9,19 +9,21 @@ query to the tickets' length (typically > 90 % of the tokens run are real). Each
 padded only to its own longest text; the embeddings do not depend on which other texts share the
 batch beyond float rounding (padded keys get an additive -10000 mask, exactly 0 after softmax).
 
-The model is either the built-in ``all-MiniLM-L6-v2`` (built once into the cache by
-:mod:`semroute_stream._model_build`) or a directory holding ``model.onnx`` + ``tokenizer.json``.
-A user model's first usable output is used: ``last_hidden_state`` (or any rank-3 output) is mean
-pooled over the attention mask; a rank-2 output (e.g. ``sentence_embedding``) is taken as already
-pooled. A ``token_type_ids`` input, if the model has one, is fed zeros.
+Where the model comes from (the built-in ``all-MiniLM-L6-v2``, a directory, or a Hugging Face repo
+id) is :mod:`._models`; what runs it (ONNX Runtime or OpenVINO, fp32 or bf16) is
+:mod:`._backends`. ``precision: auto`` takes bf16 only on a CPU with native bf16 units and only
+when the shipped probe texts (``examples/fidelity_probe.txt``) embed within cosine
+:data:`FIDELITY_MIN` of fp32. The model's first usable output is used: ``last_hidden_state`` (or
+any rank-3 output) is pooled over the attention mask as the model's ``1_Pooling`` config says
+(mean when it says nothing; ``pooling:`` overrides); a rank-2 output (e.g. ``sentence_embedding``)
+is taken as already pooled. A ``token_type_ids`` input, if the model has one, is fed zeros.
 
 ``encode`` is thread-safe: the tokenizer is configured once at start-up and only read afterwards,
-and ``InferenceSession.run`` is thread-safe.
+ONNX Runtime's ``run`` is thread-safe, and the OpenVINO backend keeps one infer request per thread.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,13 +36,8 @@ from pydantic import Field
 
 from ._backends import Backend, cpu_features, open_backend, pick_backend, supported_precisions
 from ._errors import ModelError
-from ._model_build import (
-    DEFAULT_MODEL_ID,
-    DEFAULT_MODEL_NAME,
-    MODEL_FILE,
-    TOKENIZER_FILE,
-    provision_default_model,
-)
+from ._model_build import DEFAULT_MODEL_NAME, MARKER_FILE, MODEL_FILE, TOKENIZER_FILE
+from ._models import resolve_model
 
 __all__ = [
     "FIDELITY_MIN",
@@ -48,22 +45,14 @@ __all__ = [
     "EncoderConfig",
     "SubBatch",
     "fidelity_probe_texts",
-    "read_pooling",
 ]
 
-_BUILTIN_NAMES = frozenset({DEFAULT_MODEL_NAME, DEFAULT_MODEL_ID})
 _POOLED_OUTPUT_NAMES = ("sentence_embedding", "sentence_embeddings", "embeddings", "text_embeds")
 #: Cost model of one model call, in token-equivalents (see ``_split_sorted``).
 _CALL_OVERHEAD_TOKENS = 16.0
 _ATTENTION_TOKENS = 800.0
 #: ``precision: auto`` keeps bf16 only when every probe text is at least this close to fp32.
 FIDELITY_MIN = 0.9999
-_POOLING_KEYS = (
-    ("pooling_mode_cls_token", "cls"),
-    ("pooling_mode_lasttoken", "lasttoken"),
-    ("pooling_mode_max_tokens", "max"),
-    ("pooling_mode_mean_tokens", "mean"),
-)
 _log = logging.getLogger("semroute_stream.encoder")
 
 
@@ -136,7 +125,10 @@ class Encoder:
     def __init__(self, config: EncoderConfig | None = None) -> None:
         self.config = config if config is not None else EncoderConfig()
         self.max_length = self.config.max_length
-        self.model_dir, self.model_name = _resolve_model(self.config)
+        resolved = resolve_model(self.config)
+        self.model_dir, self.model_name = resolved.directory, resolved.name
+        self.model_source, self.model_revision = resolved.source, resolved.revision
+        self._declared_pooling = resolved.pooling
         self._tokenizer, self._pad_id = _load_tokenizer(
             self.model_dir / TOKENIZER_FILE, self.max_length
         )
@@ -217,8 +209,8 @@ class Encoder:
                 providers=cfg.execution_providers,
             )
         except ModelError as exc:
-            if self.model_name != DEFAULT_MODEL_ID or "cannot load" not in str(exc):
-                raise
+            if not (self.model_dir / MARKER_FILE).is_file() or "cannot load" not in str(exc):
+                raise  # only a model built here can be rebuilt by deleting it
             raise ModelError(
                 f"{exc} (delete {self.model_dir} to rebuild the cached model)"
             ) from exc
@@ -349,27 +341,13 @@ class Encoder:
             return "model"
         if self.config.pooling != "auto":
             return self.config.pooling
-        return read_pooling(self.model_dir) or "mean"
+        return self._declared_pooling or "mean"
 
 
 def fidelity_probe_texts() -> list[str]:
     """The fixed texts the bf16 fidelity probe embeds (shipped with the package)."""
     path = Path(__file__).with_name("examples") / "fidelity_probe.txt"
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def read_pooling(directory: Path) -> str | None:
-    """The pooling a sentence-transformers model declares in ``1_Pooling/config.json``."""
-    try:
-        config = json.loads((directory / "1_Pooling" / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(config, dict):
-        return None
-    for key, mode in _POOLING_KEYS:
-        if config.get(key) is True:
-            return mode
-    return None
 
 
 def _pool(
@@ -448,27 +426,6 @@ def _split_in_order(
         bounds.append((start, end))
         start = end
     return bounds
-
-
-def _resolve_model(config: EncoderConfig) -> tuple[Path, str]:
-    if config.model in _BUILTIN_NAMES:
-        return provision_default_model(config.cache_dir), DEFAULT_MODEL_ID
-    path = Path(config.model).expanduser()
-    if not path.exists():
-        raise ModelError(
-            f"model {config.model!r} is neither the built-in {DEFAULT_MODEL_NAME!r} nor an "
-            f"existing directory holding {MODEL_FILE} + {TOKENIZER_FILE}"
-        )
-    if not path.is_dir():
-        raise ModelError(
-            f"model path {path} is not a directory holding {MODEL_FILE} + {TOKENIZER_FILE}"
-        )
-    for name in (MODEL_FILE, TOKENIZER_FILE):
-        if not (path / name).is_file():
-            raise ModelError(
-                f"model directory {path} has no {name} (it needs {MODEL_FILE} + {TOKENIZER_FILE})"
-            )
-    return path, path.resolve().name
 
 
 def _load_tokenizer(path: Path, max_length: int) -> tuple[Any, int]:

