@@ -30,13 +30,13 @@ system-deps:
 
 ## The whole test suite: lint, types, unit tests, and the integration tests on a real Kafka broker.
 test: install system-deps
-	$(BIN)/ruff check semroute_stream tests benchmarks
+	$(BIN)/ruff check semroute_stream tests benchmarks examples
 	$(BIN)/mypy
 	$(BIN)/python tests/kafka_local.py run -- $(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check semroute_stream tests benchmarks
-	$(BIN)/ruff format --check semroute_stream tests benchmarks
+	$(BIN)/ruff check semroute_stream tests benchmarks examples
+	$(BIN)/ruff format --check semroute_stream tests benchmarks examples
 	$(BIN)/mypy
 
 kafka-start: install

@@ -18,7 +18,10 @@ from ._errors import (
     SemrouteError,
 )
 from ._routing.decision import Decisions, RouteTable, decide
+from ._routing.importers import import_routes
+from ._routing.result import RouteDecision
 from ._routing.router import Router
+from ._routing.router import set_default_encoder as _set_default_encoder
 from ._routing.schema import Fallback, Route, RoutesConfig, load_routes, routes_version, save_routes
 from ._service.app import run_service
 from ._service.llm import EndpointConfig, LLMPool, LLMResult
@@ -26,6 +29,9 @@ from ._service.observe import RunStats
 from ._service.settings import Settings, load_settings
 
 __version__ = "0.1.0"
+
+# Router.from_file(path) without an encoder uses the Encoder (_routing never imports it).
+_set_default_encoder(Encoder)
 
 __all__ = [
     "CircuitOpenError",
@@ -43,6 +49,7 @@ __all__ = [
     "LLMRetryableError",
     "ModelError",
     "Route",
+    "RouteDecision",
     "RouteTable",
     "Router",
     "RoutesConfig",
@@ -51,6 +58,7 @@ __all__ = [
     "Settings",
     "__version__",
     "decide",
+    "import_routes",
     "load_routes",
     "load_settings",
     "routes_version",

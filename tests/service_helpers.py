@@ -237,6 +237,25 @@ async def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int,
         await consumer.stop()
 
 
+async def group_state(bootstrap: str, group: str) -> tuple[str, int]:
+    """A consumer group's state (``Stable``, ``PreparingRebalance``, ...) and member count."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        (response,) = await admin.describe_consumer_groups([group])
+        _error, _group, state, _ptype, _protocol, members, *_ = response.groups[0]
+        return str(state), len(members)
+    finally:
+        await admin.close()
+
+
+async def wait_for_group(bootstrap: str, group: str, members: int, timeout: float = 60.0) -> None:
+    """Until ``group`` is Stable with ``members`` members (TimeoutError after ``timeout``)."""
+    async with asyncio.timeout(timeout):
+        while await group_state(bootstrap, group) != ("Stable", members):
+            await asyncio.sleep(0.2)
+
+
 def outcome_counts(records: list[dict[str, Any]]) -> Counter[str]:
     """How many outcome records each input (by idempotency key) got."""
     return Counter(r["idempotency_key"] for r in records)

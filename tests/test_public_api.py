@@ -23,6 +23,14 @@ def test_public_names_are_exactly_all() -> None:
     assert public == set(semroute_stream.__all__) - {"__version__"}
 
 
+def test_library_api_names_are_public() -> None:
+    for name in ("Router", "RouteDecision", "import_routes"):
+        assert name in semroute_stream.__all__, name
+    assert callable(semroute_stream.Router.from_file)
+    assert callable(semroute_stream.Router.route_batch)
+    assert callable(semroute_stream.Router.aroute)
+
+
 def test_exception_hierarchy() -> None:
     s = semroute_stream
     exc: type[Exception]

@@ -24,6 +24,7 @@ from service_helpers import (
     query_message,
     read_topic,
     settings_yaml,
+    wait_for_group,
 )
 
 from semroute_stream._service.app import run_service
@@ -232,10 +233,11 @@ async def test_second_instance_splits_partitions_without_loss_or_duplicates(
         msgs = [query_message(t, f"q{i}") for i, t in enumerate(texts)]
         keys: list[bytes | None] = [f"k{i}".encode() for i in range(len(msgs))]
         await produce(kafka_bootstrap, topic, msgs[:n_first], keys=keys[:n_first])
-        a = asyncio.create_task(run_service(settings, idle_timeout_s=6.0, handle_signals=False))
+        a = asyncio.create_task(run_service(settings, idle_timeout_s=12.0, handle_signals=False))
         await asyncio.sleep(3.0)  # A owns every partition and is working
-        b = asyncio.create_task(run_service(settings, idle_timeout_s=6.0, handle_signals=False))
-        await asyncio.sleep(2.0)
+        b = asyncio.create_task(run_service(settings, idle_timeout_s=12.0, handle_signals=False))
+        # B's start-up (encoder load) takes a variable time: produce once it owns partitions.
+        await wait_for_group(kafka_bootstrap, settings.input.group_id, members=2)
         await produce(kafka_bootstrap, topic, msgs[n_first:], keys=keys[n_first:])
         stats_a, stats_b = await asyncio.gather(a, b)
         ok = await read_topic(kafka_bootstrap, f"{topic}.out", expect=len(msgs))

@@ -1,5 +1,5 @@
 """The ``semroute-stream`` command line: run (the Kafka service), replay, check, embed, eval,
-fit and route.
+fit, route, import-routes and schema.
 
 One ``cmd_*`` function per subcommand (``serve`` and ``offline``), registered here in
 ``build_parser()``; a new subcommand is one more ``add_parser`` and one more function.
@@ -15,8 +15,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._errors import ConfigError, InputError, SemrouteError
+from .._routing.importers import IMPORT_FORMATS
 from .._routing.schema import ROUTES_METHODS
-from .offline import ENCODE_BATCH, cmd_embed, cmd_eval, cmd_fit, cmd_route
+from .._schemas import SCHEMA_NAMES
+from .offline import (
+    ENCODE_BATCH,
+    cmd_embed,
+    cmd_eval,
+    cmd_fit,
+    cmd_import_routes,
+    cmd_route,
+    cmd_schema,
+)
 from .serve import cmd_check, cmd_replay, cmd_run
 
 __all__ = ["LOG_LEVELS", "build_parser", "main"]
@@ -68,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub, common, methods)
     _add_fit(sub, common, methods)
     _add_route(sub, common, methods)
+    _add_import_routes(sub)
+    _add_schema(sub)
     return parser
 
 
@@ -204,6 +216,38 @@ def _add_route(sub: Any, common: argparse.ArgumentParser, methods: Sequence[str]
     p.add_argument("--max-text-chars", type=_positive, default=8_000)
     p.add_argument("--method", choices=methods, help="override the routes file's method")
     p.set_defaults(func=cmd_route)
+
+
+def _add_import_routes(sub: Any) -> None:
+    p = sub.add_parser(
+        "import-routes",
+        help="convert semantic-router or LiteLLM routes into a routes file",
+        description="Read aurelio semantic-router routes (JSON/YAML export) or a LiteLLM config "
+        "with a semantic auto router; write a semroute-stream routes file. Every key dropped "
+        "is printed as a warning; conflicts (duplicate names, empty utterances, thresholds "
+        "outside [-1, 1]) exit 2.",
+    )
+    p.add_argument("input", metavar="IN", help="the file to import (YAML, or .json)")
+    p.add_argument(
+        "--from",
+        dest="format",
+        choices=list(IMPORT_FORMATS),
+        default="auto",
+        help="its format (default auto: model_list -> litellm, routes -> aurelio)",
+    )
+    p.add_argument("--out", required=True, help="routes file to write (.json for JSON, else YAML)")
+    p.set_defaults(func=cmd_import_routes)
+
+
+def _add_schema(sub: Any) -> None:
+    p = sub.add_parser(
+        "schema",
+        help="print a JSON Schema: routes file, service config, outcome or dead-letter record",
+        description="Print the JSON Schema (draft 2020-12) of the routes file, the service "
+        "config, or the outcome / dead-letter records (docs/schema/ has them).",
+    )
+    p.add_argument("name", choices=list(SCHEMA_NAMES))
+    p.set_defaults(func=cmd_schema)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""The offline commands: ``embed``, ``eval``, ``fit`` and ``route`` (a JSONL file).
+"""The offline commands: ``embed``, ``eval``, ``fit``, ``route`` (a JSONL file),
+``import-routes`` and ``schema``.
 
 They parse, call ``_offline`` and print (``report``); ``make_encoder`` builds the encoder the
 common options ask for (tests replace it with a fake).
@@ -26,8 +27,10 @@ from .._offline.evaluate import evaluate, suspect_utterances
 from .._offline.fit import fit_labelled
 from .._offline.labelled import Labelled, load_labelled
 from .._offline.route_file import default_rejects_path, route_file
+from .._routing.importers import import_routes
 from .._routing.router import Router, TextEncoder
-from .._routing.schema import RoutesConfig, load_routes
+from .._routing.schema import RoutesConfig, load_routes, save_routes
+from .._schemas import schema_text
 from .report import (
     chosen_label,
     describe_resolution,
@@ -37,7 +40,16 @@ from .report import (
     print_report,
 )
 
-__all__ = ["ENCODE_BATCH", "cmd_embed", "cmd_eval", "cmd_fit", "cmd_route", "make_encoder"]
+__all__ = [
+    "ENCODE_BATCH",
+    "cmd_embed",
+    "cmd_eval",
+    "cmd_fit",
+    "cmd_import_routes",
+    "cmd_route",
+    "cmd_schema",
+    "make_encoder",
+]
 
 ENCODE_BATCH = 256
 
@@ -270,4 +282,29 @@ def cmd_route(args: argparse.Namespace) -> int:
         print(f"rejected {summary.rejected} lines ({kinds}) -> {rejects}")
     else:
         print(f"no rejected lines ({rejects} is empty)")
+    return 0
+
+
+# --- import-routes and schema --------------------------------------------------------------
+
+
+def cmd_import_routes(args: argparse.Namespace) -> int:
+    routes, warnings = import_routes(args.input, args.format)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    save_routes(routes, args.out)
+    with_threshold = sum(route.threshold is not None for route in routes.routes)
+    print(
+        f"imported {len(routes.routes)} routes ({with_threshold} with their own threshold, "
+        f"method {routes.method}) from {args.input} -> {args.out}; {len(warnings)} warnings"
+    )
+    print(
+        "next: set each route's endpoint (and the fallback's) for LLM mode, and tune the "
+        "thresholds on labelled data with `semroute-stream fit`"
+    )
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    sys.stdout.write(schema_text(args.name))
     return 0

@@ -8,16 +8,18 @@ when the router is built; ``auto`` is resolved there, once, deterministically: s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 import numpy as np
 
 from .decision import Decisions, HeadParams, RouteTable, decide
 from .head_cache import HeadModel, default_head_cache_dir, head_cache_key, load_or_train_head
-from .schema import DecisionMethod, RoutesConfig, RoutesMethod, routes_version
+from .result import RouteDecision
+from .schema import DecisionMethod, RoutesConfig, RoutesMethod, load_routes, routes_version
 from .selection import AUTO_MIN_HELD_OUT, MethodChoice, choose_method, fold_of
 from .training import name_text
 
@@ -31,6 +33,7 @@ __all__ = [
     "head_texts",
     "needs_head",
     "resolve_routes",
+    "set_default_encoder",
     "train_route_head",
     "utterance_routes",
     "utterances_of",
@@ -333,11 +336,26 @@ def train_route_head(
     )
 
 
+_default_encoder: Callable[[], TextEncoder] | None = None
+
+
+def set_default_encoder(factory: Callable[[], TextEncoder]) -> None:
+    """What ``Router.from_file`` builds when it is given no encoder. ``semroute_stream`` sets
+    its ``Encoder`` (all-MiniLM-L6-v2) on import: ``_routing`` never imports the encoder
+    itself (docs/architecture.md, Layering)."""
+    global _default_encoder
+    _default_encoder = factory
+
+
 class Router:
     """Routes texts or embeddings with one routes config and one encoder.
 
     ``cache_dir``: where trained route heads are cached (default: ``heads/`` under the
-    encoder's cache root, see ``_files.default_cache_root``); ``cache=False``: none."""
+    encoder's cache root, see ``_files.default_cache_root``); ``cache=False``: none.
+
+    The library API: ``Router.from_file(path)``, ``router(text)`` -> a ``RouteDecision``,
+    ``router.route_batch(texts)`` and ``await router.aroute(text_or_texts)`` (the encoder runs
+    in a worker thread, off the event loop)."""
 
     def __init__(
         self,
@@ -366,6 +384,26 @@ class Router:
         )
         self.table = self.resolution.table
         self.version = routes_version(routes)
+        self._metadata = {route.name: route.metadata for route in routes.routes}
+
+    @classmethod
+    def from_file(
+        cls,
+        path: str | Path,
+        encoder: TextEncoder | None = None,
+        *,
+        cache_dir: Path | None = None,
+        cache: bool = True,
+    ) -> Router:
+        """A router for a routes file (YAML, or JSON when it ends in ``.json``) with
+        ``encoder``, or the default ``Encoder`` (all-MiniLM-L6-v2 on ONNX Runtime) when None.
+        Raises ``ConfigError`` naming the file, the route and the field of any problem."""
+        routes = load_routes(path)
+        if encoder is None:
+            if _default_encoder is None:
+                raise RuntimeError("no default encoder: pass one (import semroute_stream sets it)")
+            encoder = _default_encoder()
+        return cls(routes, encoder, cache_dir=cache_dir, cache=cache)
 
     def decide(self, embeddings: np.ndarray, texts: Sequence[str] | None = None) -> Decisions:
         """Decide for encoded queries; ``texts`` (theirs, in order) are needed when the head
@@ -379,3 +417,37 @@ class Router:
         decisions = self.decide(self.encoder.encode(texts), texts)
         extra = {"model": self.encoder.model_name, "routes_version": self.version}
         return [{**decisions.explain(i, self.table), **extra} for i in range(len(decisions))]
+
+    def route_batch(self, texts: Sequence[str]) -> list[RouteDecision]:
+        """Route texts in one encoder call: one ``RouteDecision`` per text, in input order."""
+        if isinstance(texts, str):
+            raise TypeError("route_batch takes a sequence of texts; use router(text) for one")
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}] is {type(text).__name__}, not str")
+        return [
+            RouteDecision.from_explanation(
+                text, explained, self._metadata.get(explained["route"], {})
+            )
+            for text, explained in zip(texts, self.route(texts), strict=True)
+        ]
+
+    def __call__(self, text: str) -> RouteDecision:
+        """Route one text."""
+        if not isinstance(text, str):
+            raise TypeError(f"router(text) takes a str, not {type(text).__name__}")
+        return self.route_batch([text])[0]
+
+    @overload
+    async def aroute(self, texts: str) -> RouteDecision: ...  # type: ignore[overload-overlap]
+
+    @overload
+    async def aroute(self, texts: Sequence[str]) -> list[RouteDecision]: ...
+
+    async def aroute(self, texts: str | Sequence[str]) -> RouteDecision | list[RouteDecision]:
+        """``router(text)`` or ``route_batch(texts)`` in a worker thread (``asyncio.to_thread``),
+        so encoding does not block the event loop."""
+        if isinstance(texts, str):
+            return await asyncio.to_thread(self.__call__, texts)
+        return await asyncio.to_thread(self.route_batch, texts)
