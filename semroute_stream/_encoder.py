@@ -24,6 +24,10 @@ ONNX Runtime's ``run`` is thread-safe, and the OpenVINO backend keeps one infer 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import importlib.metadata
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +40,7 @@ from pydantic import Field
 
 from ._backends import Backend, cpu_features, open_backend, pick_backend, supported_precisions
 from ._errors import ModelError
+from ._files import atomic_write_bytes, default_cache_root
 from ._model_build import DEFAULT_MODEL_NAME, MARKER_FILE, MODEL_FILE, TOKENIZER_FILE
 from ._models import resolve_model
 
@@ -134,7 +139,8 @@ class Encoder:
         )
         self.fidelity = None
         backend_name = pick_backend(self.config.backend, self.config.execution_providers)
-        self._backend = self._open(backend_name, "fp32")
+        plan = self._precision_plan(backend_name)
+        self._backend = self._open(backend_name, "bf16" if plan == "bf16" else "fp32")
         self._input_dtypes = self._check_inputs()
         self._output_name, declared_dim, rank = self._pick_output()
         self.pooling = self._pick_pooling(rank)
@@ -145,7 +151,8 @@ class Encoder:
                 f"{self.model_dir / MODEL_FILE}: output {self._output_name!r} declares dimension "
                 f"{declared_dim} but produced {self.dim}"
             )
-        self._choose_precision(backend_name)
+        if plan == "probe":
+            self._probe_bf16(backend_name)
         self.backend, self.precision = self._backend.name, self._backend.precision
 
     def __repr__(self) -> str:
@@ -215,17 +222,18 @@ class Encoder:
                 f"{exc} (delete {self.model_dir} to rebuild the cached model)"
             ) from exc
 
-    def _choose_precision(self, backend: str) -> None:
-        """Switch to bf16 where asked (``bf16``) or where it pays and keeps fidelity (``auto``).
+    def _precision_plan(self, backend: str) -> str:
+        """``fp32``, ``bf16``, or ``probe`` (bf16 if the fidelity probe passes).
 
         ``auto`` takes bf16 only with native bf16 units and when the shipped probe texts embed
-        within cosine :data:`FIDELITY_MIN` of fp32; the probe's worst cosine is kept in
-        ``fidelity`` and logged either way.
+        within cosine :data:`FIDELITY_MIN` of fp32. The probe's verdict is kept in the cache
+        (``probes/``, keyed by the model file, backend version, CPU and settings), so later
+        starts skip the fp32 compile and the probe.
         """
         wanted = self.config.precision
         native = supported_precisions(backend)
         if wanted == "fp32" or (wanted == "auto" and "bf16" not in native):
-            return
+            return "fp32"
         if wanted == "bf16" and "bf16" not in native:
             features = cpu_features()
             raise ModelError(
@@ -234,24 +242,63 @@ class Encoder:
                 else f"encoder.precision bf16 needs a CPU with native bf16 units (AMX or "
                 f"AVX512-BF16); {features.model} has flags {features.as_dict()['flags']}"
             )
+        try:
+            verdict = json.loads(self._verdict_path(backend).read_text(encoding="utf-8"))
+            self.fidelity = float(verdict["fidelity"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return "probe"
+        keep = wanted == "bf16" or self.fidelity >= FIDELITY_MIN
+        self._log_verdict(keep, cached=True)
+        return "bf16" if keep else "fp32"
+
+    def _probe_bf16(self, backend: str) -> None:
+        """Embed the probe texts in fp32 and bf16; keep bf16 if close enough (or asked for)."""
         texts = fidelity_probe_texts()
         reference = self.encode(texts)
         fp32 = self._backend
         self._backend = self._open(backend, "bf16")
         got = self.encode(texts)
         self.fidelity = float(np.min(np.sum(reference * got, axis=1) / _norms(reference, got)))
-        if wanted == "auto" and self.fidelity < FIDELITY_MIN:
+        with contextlib.suppress(OSError):  # a read-only cache only costs the next start a probe
+            path = self._verdict_path(backend)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, json.dumps({"fidelity": self.fidelity}).encode())
+        keep = self.config.precision == "bf16" or self.fidelity >= FIDELITY_MIN
+        self._log_verdict(keep, cached=False)
+        if not keep:
+            self._backend = fp32
+
+    def _log_verdict(self, keep: bool, *, cached: bool) -> None:
+        how = "cached probe" if cached else "probe"
+        if keep:
+            _log.info(
+                "encoder: %s bf16 (%s: min cosine vs fp32 %.6f)",
+                self.model_name,
+                how,
+                self.fidelity,
+            )
+        else:
             _log.warning(
-                "encoder: bf16 probe min cosine %.6f < %s for %s; staying on fp32",
+                "encoder: bf16 %s min cosine %.6f < %s for %s; staying on fp32",
+                how,
                 self.fidelity,
                 FIDELITY_MIN,
                 self.model_name,
             )
-            self._backend = fp32
-            return
-        _log.info(
-            "encoder: %s bf16 (probe min cosine vs fp32 %.6f)", self.model_name, self.fidelity
-        )
+
+    def _verdict_path(self, backend: str) -> Path:
+        model = self.model_dir / MODEL_FILE
+        stat = model.stat()
+        key = {
+            "model": [str(model.resolve()), stat.st_size, stat.st_mtime_ns],
+            "backend": [backend, importlib.metadata.version(backend)],
+            "cpu": cpu_features().as_dict(),
+            "texts": fidelity_probe_texts(),
+            "settings": [self.config.max_length, self.config.pooling, self.config.query_prefix],
+        }
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        root = self.config.cache_dir if self.config.cache_dir is not None else None
+        return (Path(root).expanduser() if root else default_cache_root()) / "probes" / digest
 
     def _tokenize(self, texts: Sequence[str]) -> list[Any]:
         if isinstance(texts, str):

@@ -228,3 +228,30 @@ def test_auto_precision_falls_back_when_the_probe_fails(
     assert "staying on fp32" in caplog.text
     forced = Encoder(EncoderConfig(cache_dir=model_cache, backend="openvino", precision="bf16"))
     assert forced.precision == "bf16"  # asked for explicitly: kept, with its fidelity reported
+
+
+def test_probe_verdict_is_cached(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    opened: list[str] = []
+    real_open = _backends.open_backend
+
+    def counting_open(path: Path, name: str, precision: str, **kw: object) -> _backends.Backend:
+        opened.append(precision)
+        return real_open(path, name, precision, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_encoder, "open_backend", counting_open)
+    first = Encoder(EncoderConfig(cache_dir=tmp_path, backend="openvino"))
+    probes = list((tmp_path / "probes").glob("*"))
+    if not BF16_HERE:  # nothing to probe: fp32 only, no verdict written
+        assert (opened, probes, first.precision) == (["fp32"], [], "fp32")
+        return
+    assert opened == ["fp32", "bf16"] and len(probes) == 1
+    opened.clear()
+    second = Encoder(EncoderConfig(cache_dir=tmp_path, backend="openvino"))
+    assert opened == ["bf16"]  # the verdict was read: no fp32 compile, no probe
+    assert (second.precision, second.fidelity) == ("bf16", first.fidelity)
+    text = ["how do I get a refund"]
+    assert cosines(first.encode(text), second.encode(text)).min() > 0.99999
+    probes[0].write_text("{not json", encoding="utf-8")  # a damaged verdict: probe again
+    opened.clear()
+    third = Encoder(EncoderConfig(cache_dir=tmp_path, backend="openvino"))
+    assert opened == ["fp32", "bf16"] and third.fidelity == first.fidelity
