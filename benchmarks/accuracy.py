@@ -22,6 +22,17 @@ Embeddings are cached as .npy under ``<cache root>/bench-embeddings/`` keyed by 
 a hash of the texts, so reruns take seconds; the first run encodes ~7,000 texts (~1 minute on
 two cores). The decision cost is the time of ``decide()`` on batches of 64 queries, next to
 the encoder's time for the same 64 texts.
+
+``precision_agreement``: every dataset routed (routes as shipped, ``auto``) with fp32 and
+with bf16 embeddings -- openvino fp32 vs openvino bf16 (the same backend), onnxruntime fp32 vs
+openvino bf16 (the default before and after), and onnxruntime fp32 vs openvino fp32 -- each
+variant embedding the utterances, names and queries itself and training its own head (a fresh
+head cache per variant, as a fresh deployment would): decision agreement (the same route, or
+the fallback in both), top-1 agreement, and the accuracy of each. Skipped, with the reason,
+where OpenVINO is missing or the CPU has no native bf16 units.
+
+    .venv/bin/python benchmarks/accuracy.py --json --sections precision_agreement   # just that
+    .venv/bin/python benchmarks/accuracy.py --json --backend onnxruntime --precision fp32
 """
 
 from __future__ import annotations
@@ -44,18 +55,26 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from semroute_stream._encoder import Encoder  # noqa: E402
+from semroute_stream._backends import (  # noqa: E402
+    available_backends,
+    cpu_features,
+    supported_precisions,
+)
+from semroute_stream._encoder import Encoder, EncoderConfig  # noqa: E402
+from semroute_stream._errors import ModelError  # noqa: E402
 from semroute_stream._files import default_cache_root  # noqa: E402
 from semroute_stream._offline.evaluate import evaluate  # noqa: E402
 from semroute_stream._offline.fit import add_labelled_utterances  # noqa: E402
 from semroute_stream._offline.labelled import Labelled, load_labelled  # noqa: E402
 from semroute_stream._offline.tune import fit_routes  # noqa: E402
 from semroute_stream._routing.decision import decide  # noqa: E402
+from semroute_stream._routing.head_cache import _fingerprint  # noqa: E402
 from semroute_stream._routing.router import (  # noqa: E402
     compile_table,
     head_texts,
     resolve_routes,
     train_route_head,
+    utterance_routes,
     utterances_of,
 )
 from semroute_stream._routing.schema import RoutesConfig, load_routes  # noqa: E402
@@ -74,6 +93,15 @@ TARGETS = {
 ADDED = "fitted_adding_other_half_as_utterances"
 FIGURES = ("overall_accuracy", "in_scope_accuracy", "top1_accuracy", "fallback_recall")
 BATCH = 64
+SECTIONS = ("datasets", "precision_agreement")
+#: The variants of the precision section, and the pairs it compares (reference first).
+VARIANTS = (("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"))
+PAIRS = (
+    ("openvino/fp32", "openvino/bf16"),
+    ("onnxruntime/fp32", "openvino/bf16"),
+    ("onnxruntime/fp32", "openvino/fp32"),
+)
+AGREEMENT_GOAL = 0.995
 
 
 def log(message: str) -> None:
@@ -81,7 +109,8 @@ def log(message: str) -> None:
 
 
 class Embeddings:
-    """Encodes texts once per (model, texts) and keeps them as .npy files."""
+    """Encodes texts once per (model, backend, precision, texts) and keeps them as .npy
+    files."""
 
     def __init__(self, encoder: Encoder, directory: Path) -> None:
         self.encoder = encoder
@@ -89,7 +118,8 @@ class Embeddings:
         self.encoded = 0
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        digest = hashlib.sha256(self.encoder.model_name.encode())
+        enc = self.encoder
+        digest = hashlib.sha256(f"{enc.model_name}|{enc.backend}|{enc.precision}".encode())
         for text in texts:
             digest.update(text.encode("utf-8") + b"\0")
         path = self.directory / f"{digest.hexdigest()[:32]}.npy"
@@ -324,35 +354,180 @@ def time_decision(case: Case, encoder: Encoder, cache: Path, rounds: int = 7) ->
     return out
 
 
+def precision_unsupported() -> str | None:
+    """Why the precision section cannot run here, or None."""
+    if "openvino" not in available_backends():
+        return "unsupported: openvino is not installed (pip install 'semroute-stream[openvino]')"
+    features = cpu_features()
+    if "bf16" not in supported_precisions("openvino", features):
+        return (
+            f"unsupported: {features.model} has no native bf16 units (AMX or AVX512-BF16); "
+            f"its flags: {features.as_dict()['flags']}"
+        )
+    return None
+
+
+def _cosine_stats(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    cos = np.sum(a.astype(np.float64) * b.astype(np.float64), axis=1)
+    return {
+        "min_cosine": round(float(cos.min()), 7),
+        "p1_cosine": round(float(np.percentile(cos, 1)), 7),
+    }
+
+
+def precision_agreement(names: Sequence[str], root: Path) -> dict[str, Any]:
+    """Each dataset routed with each variant's embeddings (routes as shipped, ``auto``);
+    decision agreement and accuracy per pair of variants."""
+    reason = precision_unsupported()
+    if reason is not None:
+        return {"unsupported": reason}
+    started = time.perf_counter()
+    encoders: dict[str, Encoder] = {}
+    loads: dict[str, Any] = {}
+    for backend, precision in VARIANTS:
+        key = f"{backend}/{precision}"
+        t0 = time.perf_counter()
+        try:
+            encoders[key] = Encoder(
+                EncoderConfig(backend=backend, precision=precision)  # type: ignore[arg-type]
+            )
+        except ModelError as exc:
+            return {"unsupported": f"unsupported: {key} does not load: {exc}"}
+        enc = encoders[key]
+        loads[key] = {
+            "backend": enc.backend,
+            "precision": enc.precision,
+            "fidelity": enc.fidelity,
+            "load_seconds": round(time.perf_counter() - t0, 2),
+        }
+    out: dict[str, Any] = {
+        "goal_decision_agreement": AGREEMENT_GOAL,
+        "method": "routes as shipped (auto); each variant embeds everything and trains its head",
+        "variants": loads,
+        "datasets": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        per_variant: dict[str, dict[str, tuple[Case, Any, Any, dict[str, Any]]]] = {}
+        for key, enc in encoders.items():
+            embed = Embeddings(enc, root / "bench-embeddings")
+            heads = Path(tmp) / key.replace("/", "-")  # a fresh head cache per variant
+            per_variant[key] = {}
+            t0 = time.perf_counter()
+            for name in names:
+                case = Case(name, embed, enc.model_name)
+                resolution = case.table(case.routes, heads)
+                decisions = decide(resolution.table, case.queries, case.data.texts)
+                figures = evaluate(
+                    resolution.table, case.queries, case.data.labels, case.data.texts
+                )
+                per_variant[key][name] = (case, resolution, decisions, figures)
+            log(
+                f"precision: {key} routed in {time.perf_counter() - t0:.1f} s "
+                f"({embed.encoded} texts encoded)"
+            )
+        for name in names:
+            first = next(iter(per_variant.values()))[name][0]
+            row: dict[str, Any] = {"n_rows": len(first.data)}
+            row["accuracy"] = {
+                key: {"method": v[name][1].method, **pick(v[name][3])}
+                for key, v in per_variant.items()
+            }
+            comparisons: dict[str, Any] = {}
+            for ref, other in PAIRS:
+                case_a, res_a, dec_a, fig_a = per_variant[ref][name]
+                case_b, res_b, dec_b, fig_b = per_variant[other][name]
+                same = dec_a.route == dec_b.route
+                route_of = utterance_routes(case_a.routes)
+                n_routes = len(case_a.routes.routes)
+                prints = np.abs(
+                    _fingerprint(case_a.utterances, route_of, n_routes)
+                    - _fingerprint(case_b.utterances, route_of, n_routes)
+                )
+                comparisons[f"{ref} vs {other}"] = {
+                    "decision_agreement": round(float(same.mean()), 5),
+                    "decisions_changed": int((~same).sum()),
+                    "meets_goal": bool(same.mean() >= AGREEMENT_GOAL),
+                    "top1_agreement": round(float((dec_a.best == dec_b.best).mean()), 5),
+                    "fallback_agreement": round(
+                        float((dec_a.is_fallback == dec_b.is_fallback).mean()), 5
+                    ),
+                    "methods": [res_a.method, res_b.method],
+                    "overall_accuracy": [fig_a["overall_accuracy"], fig_b["overall_accuracy"]],
+                    "overall_accuracy_delta": round(
+                        fig_b["overall_accuracy"] - fig_a["overall_accuracy"], 5
+                    ),
+                    "query_cosine": _cosine_stats(case_a.queries, case_b.queries),
+                    "utterance_cosine": _cosine_stats(case_a.utterances, case_b.utterances),
+                    "head_fingerprint_max_diff": round(float(prints.max()), 6),
+                }
+            row["comparisons"] = comparisons
+            out["datasets"][name] = row
+            log(f"precision {name}: {json.dumps(comparisons)}")
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--cases", nargs="*", choices=list(CASES), default=list(CASES))
+    parser.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated from {','.join(SECTIONS)} (default: all)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("auto", "onnxruntime", "openvino"),
+        default="auto",
+        help="the encoder of the datasets section (default: auto, as shipped)",
+    )
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     args = parser.parse_args(argv)
+    sections = args.sections.split(",")
+    unknown = [name for name in sections if name not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown sections {unknown}; choose from {','.join(SECTIONS)}")
 
-    encoder = Encoder()
     root = default_cache_root()
-    embed = Embeddings(encoder, root / "bench-embeddings")
-    started = time.perf_counter()
-    cases = {name: Case(name, embed, encoder.model_name) for name in args.cases}
-    log(f"embeddings ready in {time.perf_counter() - started:.1f} s ({embed.encoded} encoded)")
-    results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        cache = Path(tmp)  # a fresh head cache: every head is trained in this run
-        for name, case in cases.items():
-            log(f"{name}: evaluating")
-            results[name] = run_case(case, cache)
-        timing_case = cases.get("clinc150") or next(iter(cases.values()))
-        log("timing the head and the decision")
-        head_timing = time_head(timing_case)
-        decision = time_decision(timing_case, encoder, cache)
-    report = {
-        "model": encoder.model_name,
-        "machine": {"python": platform.python_version(), "cpu_count": _cpus()},
-        "datasets": results,
-        "head_training": head_timing,
-        "decision_cost": decision,
+    report: dict[str, Any] = {
+        "machine": {
+            "python": platform.python_version(),
+            "cpu_count": _cpus(),
+            "cpu_features": cpu_features().as_dict(),
+        },
+        "sections": sections,
     }
+    section_seconds: dict[str, float] = {}
+    if "datasets" in sections:
+        started = time.perf_counter()
+        encoder = Encoder(EncoderConfig(backend=args.backend, precision=args.precision))
+        report["model"] = encoder.model_name
+        report["encoder"] = {
+            "backend": encoder.backend,
+            "precision": encoder.precision,
+            "fidelity": encoder.fidelity,
+        }
+        embed = Embeddings(encoder, root / "bench-embeddings")
+        cases = {name: Case(name, embed, encoder.model_name) for name in args.cases}
+        log(f"embeddings ready in {time.perf_counter() - started:.1f} s ({embed.encoded} encoded)")
+        results: dict[str, Any] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = Path(tmp)  # a fresh head cache: every head is trained in this run
+            for name, case in cases.items():
+                log(f"{name}: evaluating")
+                results[name] = run_case(case, cache)
+            timing_case = cases.get("clinc150") or next(iter(cases.values()))
+            log("timing the head and the decision")
+            report["head_training"] = time_head(timing_case)
+            report["decision_cost"] = time_decision(timing_case, encoder, cache)
+        report["datasets"] = results
+        section_seconds["datasets"] = time.perf_counter() - started
+    if "precision_agreement" in sections:
+        started = time.perf_counter()
+        report["precision_agreement"] = precision_agreement(args.cases, root)
+        section_seconds["precision_agreement"] = time.perf_counter() - started
+    report["section_seconds"] = {k: round(v, 1) for k, v in section_seconds.items()}
     if args.json:
         print(json.dumps(report))
     else:
@@ -371,7 +546,17 @@ def _f(value: Any) -> str:
 
 
 def print_summary(report: dict[str, Any]) -> None:
-    print(f"model: {report['model']}")
+    print(f"cpu: {json.dumps(report['machine']['cpu_features'])}")
+    if "datasets" in report:
+        print(f"model: {report['model']} ({report['encoder']})")
+        print_datasets(report)
+    precision = report.get("precision_agreement")
+    if precision is not None:
+        print_precision(precision)
+    print(f"\nseconds per section: {report['section_seconds']}")
+
+
+def print_datasets(report: dict[str, Any]) -> None:
     for name, r in report["datasets"].items():
         print(
             f"\n{name}: {r['routes']} on {r['data']} ({r['n_rows']} rows), targets {r['targets']}"
@@ -406,6 +591,27 @@ def print_summary(report: dict[str, Any]) -> None:
             f"  {method:<10} {d[f'decide_ms_per_query_{method}']} ms/query "
             f"({100 * d[f'decide_share_of_encode_{method}']:.2f}% of the encoder)"
         )
+
+
+def print_precision(section: dict[str, Any]) -> None:
+    print("\nprecision agreement (routes as shipped, auto):")
+    if "unsupported" in section:
+        print(f"  {section['unsupported']}")
+        return
+    for key, load in section["variants"].items():
+        print(f"  {key}: {load}")
+    for name, row in section["datasets"].items():
+        print(f"\n  {name} ({row['n_rows']} rows)")
+        for key, figures in row["accuracy"].items():
+            print(
+                f"    {key:<18} {figures['method']:<10} overall {_f(figures['overall_accuracy'])}"
+            )
+        for pair, c in row["comparisons"].items():
+            print(
+                f"    {pair:<38} agreement {c['decision_agreement']:.5f} "
+                f"({c['decisions_changed']} changed), top-1 {c['top1_agreement']:.5f}, "
+                f"min query cosine {c['query_cosine']['min_cosine']:.6f}"
+            )
 
 
 if __name__ == "__main__":

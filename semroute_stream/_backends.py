@@ -9,10 +9,11 @@ A backend runs one ONNX graph on a padded batch and knows nothing of tokens or p
 - :class:`OpenVinoBackend`: OpenVINO's CPU plugin reading the same ``model.onnx``, fp32 or bf16
   (``INFERENCE_PRECISION_HINT``). An optional extra: ``pip install 'semroute-stream[openvino]'``.
 
-Why OpenVINO: on the same graph its fp32 runs 1.10-1.15x ONNX Runtime's, and on CPUs with native
-bf16 matrix units (Intel AMX, AVX512-BF16 on Intel Cooper Lake+ and AMD Zen 4+) its bf16 runs
-1.8x (Zen 5, AVX512-BF16) to 3x (Xeon with AMX) at a minimum cosine vs fp32 of about 0.99993
-(issue 12's notes; ``benchmarks/encoder.py`` measures it on the machine at hand).
+Why OpenVINO: on CPUs with native bf16 matrix units (Intel AMX, AVX512-BF16 on Intel Cooper
+Lake+ and AMD Zen 4+) its bf16 runs 1.4-1.8x ONNX Runtime fp32 (Zen 5, AVX512-BF16) to 3x (Xeon
+with AMX) at a minimum cosine vs fp32 of about 0.99993; its fp32 is only 1.05-1.08x, and slower
+than ONNX Runtime when the cores are oversubscribed, so ``auto`` takes it only for bf16
+(``benchmarks/encoder.py`` measures it on the machine at hand).
 
 :func:`cpu_features` reads the CPU's flags (``/proc/cpuinfo``) so that defaults follow the
 hardware, never an assumption: ``bf16_native`` is what ``precision: auto`` asks for.
@@ -123,13 +124,17 @@ def available_backends() -> list[str]:
     return [name for name in BACKENDS if importlib.util.find_spec(name) is not None]
 
 
-def pick_backend(requested: str, providers: list[str]) -> str:
-    """The backend for ``requested`` (``auto``: OpenVINO when installed and only the CPU is
-    asked for, else ONNX Runtime). Raises :class:`ModelError` when it is not installed."""
+def pick_backend(requested: str, providers: list[str], features: CpuFeatures | None = None) -> str:
+    """The backend for ``requested``. ``auto``: OpenVINO when it is installed, only the CPU is
+    asked for and the CPU has native bf16 units; else ONNX Runtime. (OpenVINO fp32 is 1.05-1.08x
+    ONNX Runtime on an idle Zen 5 but 0.68x with the cores oversubscribed; its bf16 is 1.4-1.8x
+    idle and 0.8-1.0x oversubscribed.) Raises :class:`ModelError` when it is not installed."""
     installed = available_backends()
     if requested == "auto":
+        features = features if features is not None else cpu_features()
         cpu_only = providers == ["CPUExecutionProvider"]
-        return "openvino" if cpu_only and "openvino" in installed else "onnxruntime"
+        wins = cpu_only and features.bf16_native and "openvino" in installed
+        return "openvino" if wins else "onnxruntime"
     if requested not in installed:
         hint = OPENVINO_HINT if requested == "openvino" else "pip install onnxruntime"
         raise ModelError(f"encoder.backend {requested!r} is not installed: {hint}")
@@ -247,6 +252,9 @@ class OpenVinoBackend:
         config: dict[str, Any] = {
             "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
             "PERFORMANCE_HINT": "LATENCY",
+            # Unpinned: the service's event loop shares the cores. With another busy thread on
+            # one of 2 cores, pinned bf16 ran 212-654 texts/s, unpinned 262-826 (same runs).
+            "ENABLE_CPU_PINNING": False,
         }
         if threads > 0:
             config["INFERENCE_NUM_THREADS"] = threads

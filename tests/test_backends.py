@@ -108,11 +108,16 @@ def test_unreadable_cpuinfo_means_no_flags(tmp_path: Path) -> None:
     assert not features.bf16_native
 
 
-def test_auto_prefers_openvino_for_the_cpu_only() -> None:
+def test_auto_takes_openvino_for_bf16_on_the_cpu_only(tmp_path: Path) -> None:
     assert "openvino" in available_backends(), "the dev install includes the [openvino] extra"
-    assert pick_backend("auto", ["CPUExecutionProvider"]) == "openvino"
-    assert pick_backend("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == "onnxruntime"
-    assert pick_backend("onnxruntime", ["CPUExecutionProvider"]) == "onnxruntime"
+    cpu = ["CPUExecutionProvider"]
+    zen5, avx2 = features_from(CPUINFO_ZEN5, tmp_path), features_from(CPUINFO_AVX2, tmp_path)
+    assert pick_backend("auto", cpu, zen5) == "openvino"
+    assert pick_backend("auto", cpu, avx2) == "onnxruntime"  # OpenVINO fp32 is no clear win
+    assert pick_backend("auto", ["CUDAExecutionProvider", *cpu], zen5) == "onnxruntime"
+    assert pick_backend("onnxruntime", cpu, zen5) == "onnxruntime"
+    assert pick_backend("openvino", cpu, avx2) == "openvino"  # asked for: given
+    assert pick_backend("auto", cpu) == ("openvino" if BF16_HERE else "onnxruntime")
 
 
 def test_missing_openvino_says_how_to_install(
@@ -193,7 +198,8 @@ def test_concurrent_encodes_agree(encoder: Encoder) -> None:
 
 
 def test_auto_precision_follows_the_cpu(model_cache: Path) -> None:
-    enc = Encoder(EncoderConfig(cache_dir=model_cache, backend="openvino"))
+    enc = Encoder(EncoderConfig(cache_dir=model_cache))
+    assert enc.backend == ("openvino" if BF16_HERE else "onnxruntime")
     if BF16_HERE:
         assert enc.precision == "bf16"
         assert enc.fidelity is not None and enc.fidelity >= FIDELITY_MIN
