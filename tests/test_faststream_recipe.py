@@ -4,7 +4,11 @@ support-ticket routes."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -32,8 +36,12 @@ def router() -> Router:
     return Router.from_file(EXAMPLE_ROUTES)
 
 
-@pytest.mark.slow
-async def test_recipe_routes_each_message_and_publishes_the_decision(router: Router) -> None:
+BILLING_TEXT = "I was billed twice for my order this month"
+OUTSIDE_TEXT = "what is the capital of France"
+
+
+async def run_recipe(router: Router) -> list[dict[str, Any]]:
+    """Publish two queries through the recipe on FastStream's in-memory broker; what it routed."""
     recipe = _recipe()
     broker = recipe.create_broker(router)
     assert isinstance(broker, KafkaBroker)
@@ -43,12 +51,23 @@ async def test_recipe_routes_each_message_and_publishes_the_decision(router: Rou
     async def collect(message: dict[str, Any]) -> None:
         routed.append(message)
 
-    billing_text = "I was billed twice for my order this month"
-    outside_text = "what is the capital of France"
     async with TestKafkaBroker(broker) as test_broker:
-        await test_broker.publish({"id": "t1", "text": billing_text}, topic=recipe.INPUT_TOPIC)
-        await test_broker.publish({"id": "t2", "text": outside_text}, topic=recipe.INPUT_TOPIC)
+        await test_broker.publish({"id": "t1", "text": BILLING_TEXT}, topic=recipe.INPUT_TOPIC)
+        await test_broker.publish({"id": "t2", "text": OUTSIDE_TEXT}, topic=recipe.INPUT_TOPIC)
+    return routed
 
+
+@pytest.mark.slow
+def test_recipe_routes_each_message_and_publishes_the_decision(router: Router) -> None:
+    # In a fresh interpreter: FastStream reads handler signatures with ast.parse, whose
+    # recursion counter CPython 3.11 shares between threads and finalizers; after the suite's
+    # other tests it failed once with "SystemError: AST constructor recursion depth mismatch"
+    # (CPython gh-106905), which says nothing about the recipe.
+    done = subprocess.run(
+        [sys.executable, __file__], capture_output=True, text=True, timeout=240, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    routed = json.loads(done.stdout.strip().splitlines()[-1])
     assert [message["id"] for message in routed] == ["t1", "t2"]
     billing, outside = routed
     assert billing["route"] == "billing" and billing["is_fallback"] is False
@@ -59,11 +78,15 @@ async def test_recipe_routes_each_message_and_publishes_the_decision(router: Rou
     assert outside["route"] == "general" and outside["is_fallback"] is True
     assert outside["decision"]["fallback_reason"] == "below_threshold"
     assert outside["metadata"] == {}
-    # The published explanation is exactly what the library API (and the service) produce.
-    assert billing["decision"] == router(billing_text).explain()
-    assert outside["decision"] == router.route([outside_text])[0]
+    # The published explanation is what the library API (and the service) produce here too.
+    assert billing["decision"] == json.loads(json.dumps(router(BILLING_TEXT).explain()))
+    assert outside["decision"] == json.loads(json.dumps(router.route([OUTSIDE_TEXT])[0]))
 
 
 def test_create_app_wraps_the_broker(router: Router) -> None:
     app = _recipe().create_app(router)
     assert isinstance(app.broker, KafkaBroker)
+
+
+if __name__ == "__main__":  # the recipe's run, in its own interpreter (see the test above)
+    print(json.dumps(asyncio.run(run_recipe(Router.from_file(EXAMPLE_ROUTES)))))

@@ -1,4 +1,5 @@
-"""Real HTTP tests of the OpenAI-compatible stub (tests/llm_stub.py)."""
+"""Real HTTP tests of the OpenAI-compatible stub (semroute_stream/_stub_llm.py, re-exported by
+tests/llm_stub.py)."""
 
 from __future__ import annotations
 
@@ -165,12 +166,19 @@ def test_stop_drops_a_request_in_flight() -> None:
     assert len(errors) == 1 and isinstance(errors[0], httpx.RemoteProtocolError)
 
 
-def test_cli_serves_until_sigterm() -> None:
-    script = Path(__file__).with_name("llm_stub.py")
+@pytest.mark.parametrize(
+    "command",
+    [
+        [sys.executable, str(Path(__file__).with_name("llm_stub.py"))],
+        [sys.executable, "-m", "semroute_stream", "stub-llm"],  # as docker/compose.yaml runs it
+    ],
+    ids=["tests-script", "package-cli"],
+)
+def test_cli_serves_until_sigterm(command: list[str]) -> None:
     with LLMStub() as probe:  # borrow a free port
         port = probe.port
     proc = subprocess.Popen(
-        [sys.executable, str(script), "--port", str(port), "--latency-ms", "50", "--name", "cli"],
+        [*command, "--port", str(port), "--latency-ms", "50", "--name", "cli"],
         stdout=subprocess.PIPE,
         text=True,
     )

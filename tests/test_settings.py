@@ -36,7 +36,7 @@ def test_defaults_and_relative_routes_path(tmp_path: Path) -> None:
     s = load_settings(write(tmp_path, MINIMAL))
     assert s.routes == tmp_path / "routes.yaml"
     assert s.input.auto_offset_reset == "earliest"
-    assert s.batching.max_size == 64
+    assert s.batching.max_size == 256
     assert s.mode == "llm"
 
 

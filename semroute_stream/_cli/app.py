@@ -1,5 +1,5 @@
-"""The ``semroute-stream`` command line: run (the Kafka service), replay, check, embed, eval,
-fit, route, import-routes and schema.
+"""The ``semroute-stream`` command line: run (the Kafka service), replay, check, topics create,
+publish, embed, eval, fit, route, import-routes, schema and stub-llm.
 
 One ``cmd_*`` function per subcommand (``serve`` and ``offline``), registered here in
 ``build_parser()``; a new subcommand is one more ``add_parser`` and one more function.
@@ -27,7 +27,7 @@ from .offline import (
     cmd_route,
     cmd_schema,
 )
-from .serve import cmd_check, cmd_replay, cmd_run
+from .serve import cmd_check, cmd_publish, cmd_replay, cmd_run, cmd_topics_create
 
 __all__ = ["LOG_LEVELS", "build_parser", "main"]
 
@@ -74,12 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_replay(sub)
     _add_check(sub)
+    _add_topics(sub)
+    _add_publish(sub)
     _add_embed(sub, common)
     _add_eval(sub, common, methods)
     _add_fit(sub, common, methods)
     _add_route(sub, common, methods)
     _add_import_routes(sub)
     _add_schema(sub)
+    _add_stub_llm(sub)
     return parser
 
 
@@ -134,6 +137,49 @@ def _add_check(sub: Any) -> None:
     )
     p.add_argument("--config", required=True, help="service config (YAML)")
     p.set_defaults(func=cmd_check)
+
+
+def _add_topics(sub: Any) -> None:
+    p = sub.add_parser(
+        "topics",
+        help="create the topics a config needs (first runs)",
+        description="Topic administration for first runs.",
+    )
+    topics = p.add_subparsers(dest="topics_command", required=True, metavar="ACTION")
+    c = topics.add_parser(
+        "create",
+        help="create the input, responses, dead-letter and retry topics",
+        description="Create the input topic, the responses topic (one per route with "
+        "output.per_route_topics), the dead-letter topic and the retry topics. Topics that "
+        "exist already are reported and left as they are.",
+    )
+    c.add_argument("--config", required=True, help="service config (YAML)")
+    c.add_argument("--partitions", type=_positive, default=3, help="default 3")
+    c.add_argument(
+        "--replication-factor",
+        type=_positive,
+        help="default: 3, or the number of brokers when there are fewer",
+    )
+    c.set_defaults(func=cmd_topics_create)
+
+
+def _add_publish(sub: Any) -> None:
+    p = sub.add_parser(
+        "publish",
+        help="send JSON lines (or lines of text) to the input topic",
+        description="Send one message per non-blank line to the config's input topic (or "
+        "--topic), keyed by the id field when a JSON line has one; print how many the "
+        "brokers acknowledged. Every line is checked before anything is sent.",
+    )
+    p.add_argument("--config", required=True, help="service config (YAML)")
+    p.add_argument("--topic", help="default: the config's input.topic")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--jsonl", action="store_true", help="JSON objects, one a line (default)")
+    kind.add_argument(
+        "--text", action="store_true", help='lines of text, each sent as {"text": line}'
+    )
+    p.add_argument("file", metavar="FILE", help="the lines to send; - for stdin")
+    p.set_defaults(func=cmd_publish)
 
 
 def _add_embed(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -248,6 +294,20 @@ def _add_schema(sub: Any) -> None:
     )
     p.add_argument("name", choices=list(SCHEMA_NAMES))
     p.set_defaults(func=cmd_schema)
+
+
+def _add_stub_llm(sub: Any) -> None:
+    from .. import _stub_llm  # stdlib only
+
+    p = sub.add_parser(
+        "stub-llm",
+        help="serve a stand-in OpenAI-compatible LLM endpoint (demos, docker/compose.yaml)",
+        description="An OpenAI-compatible chat-completions server that answers "
+        "'[system: FIRST LINE] echo: LAST USER MESSAGE' after --latency-ms; GET /healthz, "
+        "/v1/models. Serves until SIGTERM/SIGINT.",
+    )
+    _stub_llm.add_arguments(p)
+    p.set_defaults(func=_stub_llm.serve)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""The service commands: ``run`` (the Kafka service), ``replay`` and ``check``.
+"""The service commands: ``run`` (the Kafka service), ``replay``, ``check``, and for first runs
+``topics create`` and ``publish``.
 
 Each imports the service's modules when it runs (the package itself already loads them: its
 public API includes ``run_service``).
@@ -11,7 +12,7 @@ import sys
 
 import orjson
 
-__all__ = ["cmd_check", "cmd_replay", "cmd_run"]
+__all__ = ["cmd_check", "cmd_publish", "cmd_replay", "cmd_run", "cmd_topics_create"]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -68,3 +69,43 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .._service.check import check
 
     return asyncio.run(check(args.config, say=lambda finding: print(finding.line(), flush=True)))
+
+
+def cmd_topics_create(args: argparse.Namespace) -> int:
+    """Create the topics the config needs; existing ones are reported, not errors."""
+    import asyncio
+
+    from .._routing.schema import load_routes
+    from .._service.settings import load_settings
+    from .._service.topics import create_topics, topic_roles
+
+    settings = load_settings(args.config)
+    roles = topic_roles(settings, load_routes(settings.routes))
+    done = asyncio.run(
+        create_topics(settings, [t for t, _ in roles], args.partitions, args.replication_factor)
+    )
+    for topic, role in roles:
+        print(f"{done[topic]:<24} {topic} ({role})")
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    """Send JSON lines (or text lines) to the input topic; print how many were acknowledged."""
+    import asyncio
+
+    from .._service.publish import parse_lines, publish
+    from .._service.settings import load_settings
+
+    settings = load_settings(args.config)
+    topic = args.topic or settings.input.topic
+    if args.file == "-":
+        messages = parse_lines(sys.stdin, settings, text=args.text)
+    else:
+        with open(args.file, encoding="utf-8") as fh:
+            messages = parse_lines(fh, settings, text=args.text)
+    acked, error = asyncio.run(publish(settings, topic, messages))
+    print(orjson.dumps({"topic": topic, "messages": len(messages), "acknowledged": acked}).decode())
+    if error is not None:
+        print(f"error: {len(messages) - acked} not acknowledged: {error}", file=sys.stderr)
+        return 1
+    return 0

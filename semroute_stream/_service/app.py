@@ -108,6 +108,11 @@ async def open_service(
     observer = Observer(tracer=make_tracer(settings.tracing))
     encoder = await asyncio.to_thread(Encoder, settings.encoder)
     router = await asyncio.to_thread(Router, routes, encoder)
+    # The first broker contact (a wrong password, a missing topic fail here): before any
+    # client that would need closing exists.
+    record_limit = None
+    if sink is None:  # outputs on the broker: they exist (or are made) and bound the records
+        record_limit = await ensure_output_topics(settings, output_topics(routes, settings))
     consumer = make_consumer(settings, group_id=group_id)
     exactly_once = settings.delivery == "exactly_once" and sink is None
     producer = make_producer(settings) if sink is None and not exactly_once else None
@@ -119,8 +124,8 @@ async def open_service(
         else None
     )
     worker = Worker(settings, llm, observer)
-    if sink is None:  # outputs on the broker: they exist (or are made) and bound the records
-        worker.record_limit = await ensure_output_topics(settings, output_topics(routes, settings))
+    if record_limit is not None:
+        worker.record_limit = record_limit
     pipeline = Pipeline(
         settings, router, consumer, outbox, worker, targets=targets, observer=observer
     )

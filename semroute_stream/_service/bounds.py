@@ -50,7 +50,8 @@ class RunBounds:
         return batch
 
     def touch(self) -> None:
-        """New partitions were assigned: new work may be there, the idle clock starts again."""
+        """New work may be there (partitions assigned, consumption resumed after backpressure):
+        the idle clock starts again."""
         self._last_input = time.monotonic()
 
     def wanted(self, rec: ConsumerRecord[Any, Any]) -> bool:

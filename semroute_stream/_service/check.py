@@ -2,7 +2,9 @@
 
 Checks, in order, and prints one line each (``ok``, ``WARN`` or ``FAIL``): the config, the routes
 file and its endpoints, the API key variables, the encoder model, the broker (a metadata
-request), the input and output topics, and each LLM endpoint (``GET {base_url}/models``).
+request), the input and output topics (that they exist, and with ACLs that this principal may
+read the input and write the outputs: Metadata v8's authorized operations, nothing is written),
+and each LLM endpoint (``GET {base_url}/models``).
 Exit status: 0 when nothing failed, 1 when something did, 2 when the config file itself cannot
 be loaded (then nothing else can be checked).
 """
@@ -19,7 +21,7 @@ import httpx
 
 from .._errors import ConfigError, SemrouteError
 from .._routing.schema import RoutesConfig, load_routes, routes_version
-from .kafka import topic_partitions
+from .kafka import topic_operations, topic_partitions
 from .llm import resolve_api_keys
 from .settings import Settings, load_settings
 from .worker import route_targets
@@ -131,18 +133,43 @@ async def _check_broker(settings: Settings, routes: RoutesConfig | None, note: N
         found = await asyncio.wait_for(
             topic_partitions(settings, [t for t, _ in wanted]), _BROKER_TIMEOUT_S
         )
+    except ConfigError as err:  # TLS files, token provider, gssapi
+        note("FAIL", "kafka", str(err))
+        return
     except Exception as err:  # whatever keeps us from the broker is the finding
         note("FAIL", "broker", f"{servers}: unreachable ({type(err).__name__}: {err})")
         return
     note("ok", "broker", f"{servers}: metadata answered")
+    ops = await _operations(settings, [t for t, _ in wanted if t in found], note)
     retries = settings.retry_topics()
     for topic, role in wanted:
-        if topic in found:
+        need = "read" if role == "input" else "write"
+        if topic in found and ops is not None and topic in ops and need not in ops[topic]:
+            note(
+                "FAIL",
+                "topic",
+                f"{topic} ({role}): topic authorization failed: this principal may not "
+                f"{need} it (check the topic's ACLs)",
+            )
+        elif topic in found:
             note("ok", "topic", f"{topic} ({role}): {len(found[topic])} partition(s)")
         elif topic in retries and out.create_topics:  # the router's own: made at start-up
             note("ok", "topic", f"{topic} ({role}): created at start-up (output.create_topics)")
         else:
             note("FAIL", "topic", f"{topic} ({role}): does not exist")
+
+
+async def _operations(
+    settings: Settings, topics: list[str], note: Note
+) -> dict[str, set[str]] | None:
+    """This principal's permissions on ``topics`` (None: unknown, then not checked)."""
+    if not topics:
+        return None
+    try:
+        return await asyncio.wait_for(topic_operations(settings, topics), _BROKER_TIMEOUT_S)
+    except Exception as err:
+        note("WARN", "acl", f"topic permissions unknown ({type(err).__name__}: {err})")
+        return None
 
 
 async def _check_endpoints(settings: Settings, note: Note) -> None:

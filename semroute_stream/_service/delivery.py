@@ -33,6 +33,7 @@ from aiokafka.errors import (
     MessageSizeTooLargeError,
     RecordListTooLargeError,
     RecordTooLargeError,
+    TopicAuthorizationFailedError,
 )
 from aiokafka.structs import OffsetAndMetadata
 
@@ -282,6 +283,16 @@ RECORD_ERRORS: tuple[type[KafkaError], ...] = (
 )
 
 
+def _refusal(topic: str, err: KafkaError) -> str:
+    if isinstance(err, TopicAuthorizationFailedError):
+        return (
+            f"topic authorization failed for {topic}: this principal may not write to it "
+            f"(check the topic's ACLs); its outcomes wait and are retried, no offset past "
+            f"them is committed ({err!r})"
+        )
+    return f"writes to {topic} refused: {err!r}"
+
+
 def producer_send(producer: AIOKafkaProducer, observer: Observer | None = None) -> Send:
     """A :data:`Send` through an ``AIOKafkaProducer``. Retriable broker errors are retried
     without end (the offset stays unfinished meanwhile, so nothing is committed past it);
@@ -308,7 +319,7 @@ def producer_send(producer: AIOKafkaProducer, observer: Observer | None = None) 
                 raise
             except (KafkaTimeoutError, KafkaError) as err:
                 if not (isinstance(err, KafkaTimeoutError) or getattr(err, "retriable", False)):
-                    watcher.platform_failing(f"writes to {record.topic} refused: {err!r}")
+                    watcher.platform_failing(_refusal(record.topic, err))
                     delay = max(delay, 1.0)
                 log.warning(
                     "publish to %s failed (%r); retrying in %.1fs", record.topic, err, delay

@@ -95,7 +95,7 @@ class Pipeline:
         outbox.on_lost = self._lost
         outbox.on_stall = self._stall
         self._assigned: set[TopicPartition] = set()
-        self._revocations = 0  # bumped by every revocation: batches fetched before are stale
+        self._revocations = 0  # bumped by every revocation: records fetched before are stale
         self._tasks = PartitionTasks(self._task_done)
         self._stopping = asyncio.Event()
         self._progress = asyncio.Condition()  # notified whenever a message finishes
@@ -220,11 +220,11 @@ class Pipeline:
             hold_retries(
                 self.settings, self.worker.llm, self._consumer, self._assigned, self.activity
             )
-            generation = self._revocations
-            batch = self._bounds.cut(await self._next_batch(), self.stats.consumed)
+            records, generation = await self._next_batch()
+            batch = self._bounds.cut(records, self.stats.consumed)
             if batch:
                 async with self.routes.lock:
-                    # A rebalance while this batch was being fetched reset the positions of the
+                    # A revocation since the batch was fetched reset the positions of the
                     # partitions we kept to their committed offsets: the batch comes again.
                     if generation == self._revocations:
                         await self.dispatch(batch)
@@ -232,17 +232,27 @@ class Pipeline:
             if reason is not None:
                 self.request_stop(reason)
 
-    async def _next_batch(self) -> list[Record]:
-        """Up to ``batching.max_size`` records, waiting at most ``linger_ms`` after the first.
+    async def _next_batch(self) -> tuple[list[Record], int]:
+        """Up to ``batching.max_size`` records, waiting at most ``linger_ms`` after the first,
+        and the revocation generation they belong to.
 
         Never more than ``flow.max_in_flight`` minus what is in flight, so that bound is strict.
+
+        The generation is read when the records come out of ``getmany``, not before the call:
+        aiokafka never returns records of a previous assignment (a ``getmany`` running across a
+        rebalance waits for the new assignment), so a ``getmany`` that began before a
+        revocation returns records of the new assignment, whose positions have already moved
+        past them. Dropping those as stale would skip them, and the commit of a later offset
+        of the partition would then pass them without an outcome. Records fetched before a
+        revocation that comes during the linger are dropped here (they come again).
         """
         room = self.settings.flow.max_in_flight - self.in_flight
         size = max(1, min(self.settings.batching.max_size, room))
         got = await self._consumer.getmany(timeout_ms=_POLL_MS, max_records=size)
+        generation = self._revocations
         records = [r for recs in got.values() for r in recs]
         if not records:
-            return records
+            return records, generation
         self.activity.last_records = time.time()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.batching.linger_ms / 1000
@@ -255,8 +265,10 @@ class Pipeline:
             )
             if not more:
                 break
+            if generation != self._revocations:  # the records before are of the old assignment
+                records, generation = [], self._revocations
             records.extend(r for recs in more.values() for r in recs)
-        return records
+        return records, generation
 
     # ---- backpressure -----------------------------------------------------------------------
 
@@ -284,6 +296,9 @@ class Pipeline:
             self.activity.paused = False
             held = self._bounds.finished | set(self.activity.stalled) | self.activity.held
             self._consumer.resume(*(self._assigned - held))
+            # Paused, the input was not taken, not missing: the idle clock starts again, or a
+            # pause longer than the idle timeout would end the run with records waiting.
+            self._bounds.touch()
             log.info("backpressure released: %d in flight", self.in_flight)
 
     def _over_capacity(self) -> bool:

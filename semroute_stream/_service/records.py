@@ -1,5 +1,5 @@
 """What a message becomes: its :class:`Source`, its :class:`Outcome`, and the outcome /
-dead-letter record schemas (documented in the README).
+dead-letter record schemas (documented in docs/delivery.md).
 
 Pure functions over plain values: no Kafka, no I/O.
 """

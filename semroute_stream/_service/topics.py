@@ -11,14 +11,21 @@ import logging
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import TopicAlreadyExistsError, for_code
 
-from .._errors import ConfigError
+from .._errors import ConfigError, SemrouteError
 from .._routing.schema import RoutesConfig
-from .kafka import connection_kwargs, topic_partitions
+from .kafka import make_admin, start_client, topic_partitions
 from .records import RECORD_OVERHEAD_BYTES
 from .settings import Settings, topic_name_problem
 
-__all__ = ["check_topic_names", "ensure_output_topics", "output_topics"]
+__all__ = [
+    "check_topic_names",
+    "create_topics",
+    "ensure_output_topics",
+    "output_topics",
+    "topic_roles",
+]
 
 log = logging.getLogger("semroute_stream")
 
@@ -54,8 +61,8 @@ async def ensure_output_topics(settings: Settings, topics: list[str]) -> int:
     ``max.message.bytes``, whichever is smaller, less :data:`RECORD_OVERHEAD_BYTES`."""
     found = await topic_partitions(settings, [*topics, settings.input.topic])
     missing = [t for t in topics if t not in found]
-    admin = AIOKafkaAdminClient(**connection_kwargs(settings.kafka))
-    await admin.start()
+    admin = make_admin(settings)
+    await start_client(admin, settings.kafka, "admin client")
     try:
         if missing:
             if not settings.output.create_topics:
@@ -89,3 +96,53 @@ async def _max_message_bytes(admin: AIOKafkaAdminClient, topics: list[str]) -> l
                 if entry["config_names"] == "max.message.bytes":
                     limits.append(int(entry["config_value"]))
     return limits
+
+
+def topic_roles(settings: Settings, routes: RoutesConfig) -> list[tuple[str, str]]:
+    """Every topic the router reads or writes, with its role: the input, the responses (one
+    per route with ``per_route_topics``), the dead letters and the retry topics."""
+    out = settings.output
+    roles = [(settings.input.topic, "input")]
+    if out.per_route_topics:
+        names = [*routes.names, routes.fallback.name]
+        roles += [(out.topic_for(name), f"responses of route {name}") for name in names]
+    else:
+        roles.append((out.responses_topic, "responses"))
+    roles.append((out.dlq_topic, "dead letters"))
+    roles += [(t, f"parked messages of endpoint {e}") for t, e in settings.retry_topics().items()]
+    return roles
+
+
+async def create_topics(
+    settings: Settings, topics: list[str], partitions: int, replication: int | None = None
+) -> dict[str, str]:
+    """Create ``topics`` that do not exist; return what happened to each (``created`` or
+    ``exists (N partitions)``). ``replication`` None: 3, or fewer on a smaller cluster.
+    Idempotent; raises :class:`SemrouteError` naming a topic the broker refused."""
+    found = await topic_partitions(settings, topics)
+    missing = [t for t in topics if t not in found]
+    done = {t: f"exists ({len(found[t])} partitions)" for t in topics if t in found}
+    if not missing:
+        return done
+    admin = make_admin(settings)
+    await start_client(admin, settings.kafka, "admin client")
+    try:
+        if replication is None:
+            replication = min(3, len((await admin.describe_cluster())["brokers"]))
+        response = await admin.create_topics(
+            [NewTopic(t, partitions, replication) for t in missing]
+        )
+    finally:
+        await admin.close()
+    problems = []
+    for topic, code, *rest in response.topic_errors:
+        if code == 0:
+            done[topic] = "created"
+        elif code == TopicAlreadyExistsError.errno:  # made meanwhile by someone else
+            done[topic] = "exists"
+        else:
+            message = rest[0] if rest and rest[0] else ""
+            problems.append(f"{topic}: {for_code(code).__name__} {message}".rstrip())
+    if problems:
+        raise SemrouteError("the broker refused to create: " + "; ".join(problems))
+    return {t: done[t] for t in topics}
