@@ -6,11 +6,13 @@ real-broker scenario is in ``test_faults_hostile.py``."""
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
+import pytest
 from aiokafka import TopicPartition
 from fakes import FakeEncoder, MemoryOutbox, consumer_record
 from ops_helpers import wait_until
@@ -18,6 +20,7 @@ from service_helpers import QUERIES, make_settings, query_message
 
 from semroute_stream._routing.router import Router
 from semroute_stream._routing.schema import load_routes
+from semroute_stream._service.intake import hold_retries
 from semroute_stream._service.llm import LLMPool
 from semroute_stream._service.pipeline import Pipeline
 from semroute_stream._service.records import read_parked
@@ -134,3 +137,26 @@ def test_a_parked_record_keeps_everything_needed_to_answer_it(tmp_path: Path) ->
         5,
         2,
     )
+
+
+async def test_a_retry_partition_is_held_again_after_a_rebalance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipeline, _ = _pipeline(tmp_path, Endpoints())
+    paused: list[TopicPartition] = []
+    pipeline._consumer = type(
+        "Consumer", (), {"pause": lambda self, *tps: paused.extend(tps), "resume": print}
+    )()
+    llm = pipeline.worker.llm
+    assert llm is not None
+    monkeypatch.setattr(llm, "breaker_state", lambda endpoint: "open")  # billing is down
+    retry = TopicPartition("in.retry.billing", 0)
+    hold = partial(hold_retries, pipeline.settings, llm, pipeline._consumer, pipeline._assigned)
+    hold(pipeline.activity)
+    assert paused == [retry] and retry in pipeline.activity.held
+    # A rebalance gives the partition back unpaused: it must be held (paused) again.
+    await pipeline.on_revoked({retry})
+    assert retry not in pipeline.activity.held
+    pipeline.on_assigned({retry})
+    hold(pipeline.activity)
+    assert paused == [retry, retry] and retry in pipeline.activity.held

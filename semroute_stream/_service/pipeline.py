@@ -452,6 +452,7 @@ class Pipeline:
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         """Stop taking work for ``revoked``, let its in-flight work finish (bounded), commit."""
         self._assigned -= revoked
+        self.activity.held -= revoked
         if not revoked:
             return
         self._outbox.unassign(revoked)
@@ -472,6 +473,9 @@ class Pipeline:
 
     def on_assigned(self, assigned: set[TopicPartition]) -> None:
         self._assigned |= assigned
+        # aiokafka gives every assigned partition a fresh, unpaused state: a retry partition
+        # held before is not any more, and hold_retries pauses it again if it must.
+        self.activity.held -= assigned
         self.activity.assigned_at = time.time()
         self._bounds.touch()
         self._outbox.assign(assigned)
