@@ -60,6 +60,7 @@ __all__ = [
     "build_minilm_onnx",
     "locate_weights_dir",
     "provision_default_model",
+    "write_marker",
 ]
 
 #: The short name users put in config.
@@ -582,12 +583,17 @@ def provision_default_model(cache_dir: Path | None = None) -> Path:
                     },
                 },
             }
-            atomic_write_bytes(
-                target / MARKER_FILE,
-                (json.dumps(marker, indent=2, sort_keys=True) + "\n").encode(),
-                durable=True,
-                mode=0o644,
-            )
+            write_marker(target, marker)
     except OSError as exc:
         raise ModelError(f"cannot write the model cache in {target}: {exc}") from exc
     return target
+
+
+def write_marker(directory: Path, marker: dict[str, Any]) -> None:
+    """Write a build's marker file, last and atomically: its presence means the build is whole."""
+    atomic_write_bytes(
+        directory / MARKER_FILE,
+        (json.dumps(marker, indent=2, sort_keys=True) + "\n").encode(),
+        durable=True,
+        mode=0o644,
+    )

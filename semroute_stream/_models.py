@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._errors import ModelError
-from ._files import atomic_copy, atomic_write_bytes, default_cache_root
+from ._files import atomic_copy, default_cache_root
 from ._model_build import (
     BUILD_VERSION,
     DEFAULT_MODEL_ID,
@@ -53,6 +53,7 @@ from ._model_build import (
     build_bert_onnx,
     locate_weights_dir,
     provision_default_model,
+    write_marker,
 )
 
 if TYPE_CHECKING:
@@ -377,17 +378,9 @@ def _build_from_safetensors(
                 "weights_sha256": actual,
                 "files": {f: (target / f).stat().st_size for f in (MODEL_FILE, TOKENIZER_FILE)},
             }
-            atomic_write_bytes(
-                target / MARKER_FILE,
-                (json.dumps(marker, indent=2, sort_keys=True) + "\n").encode(),
-                durable=True,
-                mode=0o644,
-            )
+            write_marker(target, marker)
     except OSError as exc:
-        raise ModelError(
-            f"cannot write the model cache in {target}: {exc} "
-            "(set SEMROUTE_CACHE_DIR to a writable directory)"
-        ) from exc
+        raise _unwritable(target, exc) from exc
     return target
 
 
@@ -455,11 +448,15 @@ def _link_dir(target: Path, source: Path) -> Path:
                 with contextlib.suppress(OSError):
                     shutil.rmtree(tmp)
     except OSError as exc:
-        raise ModelError(
-            f"cannot write the model cache in {target}: {exc} "
-            "(set SEMROUTE_CACHE_DIR to a writable directory)"
-        ) from exc
+        raise _unwritable(target, exc) from exc
     return target
+
+
+def _unwritable(target: Path, exc: OSError) -> ModelError:
+    return ModelError(
+        f"cannot write the model cache in {target}: {exc} "
+        "(set SEMROUTE_CACHE_DIR to a writable directory)"
+    )
 
 
 def _check_sha256(
