@@ -29,10 +29,8 @@ import json
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-import yaml
-
 from .._errors import ConfigError
-from .schema import RoutesConfig, parse_routes
+from .schema import RoutesConfig, _config_error, parse_routes, read_data_file
 
 __all__ = ["IMPORT_FORMATS", "ImportFormat", "detect_format", "import_routes"]
 
@@ -69,23 +67,7 @@ class _Import:
 
     def check(self) -> None:
         if self.problems:
-            err = ConfigError("\n".join(f"{self.source}: {p}" for p in self.problems))
-            err.file = self.source
-            raise err
-
-
-def _read(path: Path) -> Any:
-    source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"cannot read: {err}", file=source) from None
-    try:
-        return json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"line {err.lineno}: invalid JSON: {err.msg}", file=source) from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"invalid YAML: {err}", file=source) from None
+            raise _config_error(self.source, self.problems)
 
 
 def detect_format(raw: Any) -> Literal["aurelio", "litellm"] | None:
@@ -104,7 +86,7 @@ def import_routes(
     path = Path(path)
     if format not in IMPORT_FORMATS:
         raise ConfigError(f"unknown format {format!r} (known: {', '.join(IMPORT_FORMATS)})")
-    raw = _read(path)
+    raw = read_data_file(path, "file")
     job = _Import(str(path))
     kind = detect_format(raw) if format == "auto" else format
     if kind is None:
@@ -307,7 +289,7 @@ def _router_config(params: dict[str, Any], job: _Import, where: str, path: Path)
     if found is None:
         job.fail(f"{where}: auto_router_config_path: {named} not found (next to {path} or here)")
         return None
-    return _read(found)
+    return read_data_file(found, "file")
 
 
 def _litellm_routes(config: Any, job: _Import, where: str, params: dict[str, Any]) -> Any:

@@ -81,6 +81,7 @@ __all__ = [
     "dump_routes",
     "load_routes",
     "parse_routes",
+    "read_data_file",
     "routes_version",
     "save_routes",
 ]
@@ -320,21 +321,24 @@ def _config_error(source: str, problems: list[str]) -> ConfigError:
 
 def load_routes(path: str | Path) -> RoutesConfig:
     """Read and validate a routes file (JSON when it ends in ``.json``, YAML otherwise)."""
-    path = Path(path)
+    return parse_routes(read_data_file(Path(path), "routes file"), str(path))
+
+
+def read_data_file(path: Path, what: str) -> Any:
+    """The data in a JSON (``.json``) or YAML file; ConfigError naming the file and line."""
     source = str(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"cannot read routes file: {err}", file=source) from None
+        raise ConfigError(f"cannot read {what}: {err}", file=source) from None
     try:
-        raw = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        return json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except json.JSONDecodeError as err:
         raise ConfigError(f"line {err.lineno}: invalid JSON: {err.msg}", file=source) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
         raise ConfigError(f"{where}invalid YAML: {err}", file=source) from None
-    return parse_routes(raw, source)
 
 
 def dump_routes(cfg: RoutesConfig) -> dict[str, Any]:
