@@ -133,7 +133,6 @@ class Encoder:
         resolved = resolve_model(self.config)
         self.model_dir, self.model_name = resolved.directory, resolved.name
         self.model_source, self.model_revision = resolved.source, resolved.revision
-        self._declared_pooling = resolved.pooling
         self._tokenizer, self._pad_id = _load_tokenizer(
             self.model_dir / TOKENIZER_FILE, self.max_length
         )
@@ -143,7 +142,7 @@ class Encoder:
         self._backend = self._open(backend_name, "bf16" if plan == "bf16" else "fp32")
         self._input_dtypes = self._check_inputs()
         self._output_name, declared_dim, rank = self._pick_output()
-        self.pooling = self._pick_pooling(rank)
+        self.pooling = self._pick_pooling(rank, resolved.pooling)
         probe = self._run(self.prepare(["semroute-stream warm-up"])[0])
         self.dim = int(probe.shape[1])
         if declared_dim is not None and declared_dim != self.dim:  # pragma: no cover - odd models
@@ -383,12 +382,12 @@ class Encoder:
             )
         return chosen, outputs[chosen].dim, outputs[chosen].rank
 
-    def _pick_pooling(self, rank: int | None) -> str:
+    def _pick_pooling(self, rank: int | None, declared: str | None) -> str:
         if rank == 2:
             return "model"
         if self.config.pooling != "auto":
             return self.config.pooling
-        return self._declared_pooling or "mean"
+        return declared or "mean"
 
 
 def fidelity_probe_texts() -> list[str]:
