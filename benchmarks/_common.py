@@ -46,13 +46,14 @@ import orjson  # noqa: E402
 import yaml  # noqa: E402
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa: E402
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: E402
-from encoder import short_queries, tickets  # noqa: E402  (benchmarks/encoder.py)
+from encoder import DATASETS, dev_texts, short_queries, tickets  # noqa: E402  (benchmarks/encoder.py)
 
 SERVICE_CONFIG = REPO / "config" / "service.example.yaml"
 ROUTES_FILE = REPO / "config" / "routes.example.yaml"
 EXAMPLE_TICKETS = REPO / "semroute_stream" / "examples" / "tickets.jsonl"
 
 __all__ = [
+    "DATASETS",
     "EXAMPLE_TICKETS",
     "REPO",
     "ROUTES_FILE",
@@ -62,6 +63,7 @@ __all__ = [
     "RouterProcess",
     "StubProcess",
     "create_topics",
+    "dev_texts",
     "free_port",
     "kafka_bootstrap",
     "log",

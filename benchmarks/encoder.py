@@ -250,14 +250,20 @@ def median_ratio(a: list[float], b: list[float]) -> float:
 # ------------------------------------------------------------------------------------------------
 
 
-def mixed_texts(limit: int | None, seed: int = 11) -> list[str]:
-    """Every shared dataset's dev texts (``../shared/datasets/*/dev.jsonl``) plus the bundled
-    example tickets, shuffled (seeded) so that every call mixes lengths as a stream does;
-    ``limit`` keeps the first ``limit`` after shuffling (None: all)."""
+def dev_texts() -> list[str]:
+    """Every shared dataset's dev texts (``../shared/datasets/*/dev.jsonl``), in file order."""
     texts: list[str] = []
     for path in sorted(DATASETS.glob("*/dev.jsonl")):
         with path.open(encoding="utf-8") as fh:
             texts += [json.loads(line)["text"] for line in fh if line.strip()]
+    return texts
+
+
+def mixed_texts(limit: int | None, seed: int = 11) -> list[str]:
+    """Every shared dataset's dev texts (``../shared/datasets/*/dev.jsonl``) plus the bundled
+    example tickets, shuffled (seeded) so that every call mixes lengths as a stream does;
+    ``limit`` keeps the first ``limit`` after shuffling (None: all)."""
+    texts = dev_texts()
     with EXAMPLE_TICKETS.open(encoding="utf-8") as fh:
         texts += [json.loads(line)["text"] for line in fh if line.strip()]
     if not texts:

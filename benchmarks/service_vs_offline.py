@@ -44,11 +44,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import yaml
 from _common import (
+    DATASETS,
     REPO,
     ROUTES_FILE,
     SERVICE_CONFIG,
     OutputCollector,
     create_topics,
+    dev_texts,
     kafka_bootstrap,
     log,
     new_topic_base,
@@ -58,8 +60,6 @@ from _common import (
     thread_env,
     write_service_config,
 )
-
-DATASETS = REPO.parent / "shared" / "datasets"
 
 _ENCODER_SCRIPT = """
 import json, sys, time
@@ -78,10 +78,7 @@ print(json.dumps({"load_s": t1 - t0, "work_s": time.perf_counter() - t1, "encode
 
 
 def load_texts(limit: int) -> list[str]:
-    texts: list[str] = []
-    for path in sorted(DATASETS.glob("*/dev.jsonl")):
-        with path.open(encoding="utf-8") as fh:
-            texts += [json.loads(line)["text"] for line in fh if line.strip()]
+    texts = dev_texts()
     if not texts:
         raise SystemExit(f"no texts under {DATASETS}/*/dev.jsonl")
     rng = random.Random(12)
