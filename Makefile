@@ -22,11 +22,15 @@ demo: install
 	    --input semroute_stream/examples/tickets.jsonl --output out/tickets.routed.jsonl
 	@echo "wrote out/tickets.routed.jsonl"
 
-## Debian packages the fault tests need (faketime moves a router's clock); installed when missing.
+## Debian packages the tests need, installed when missing: faketime (the clock-skew fault test
+## moves a router's clock) and chromium (tests/test_html_report.py renders eval --html headless).
 system-deps:
 	@test -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 || { \
 	    echo "installing Debian's faketime (the clock-skew fault test needs it)"; \
 	    apt-get update -qq && apt-get install -y -qq faketime >/dev/null; }
+	@test -x /usr/bin/chromium || { \
+	    echo "installing Debian's chromium (the eval --html test renders the page headless)"; \
+	    apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null; }
 
 ## The whole test suite: lint, types, unit tests, and the integration tests on a real Kafka broker.
 ## The fault scenarios (real router processes) run in a pytest process of their own, after the
