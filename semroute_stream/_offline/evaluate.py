@@ -1,7 +1,9 @@
 """Accuracy figures of a route table on labelled data, and authoring aids. Pure numpy.
 
 * ``evaluate``: the figures of a route table on labelled data, with the utterances that most
-  often pull queries to a wrong route and the route pairs whose utterances overlap;
+  often pull queries to a wrong route and the route pairs whose utterances overlap (and, with
+  ``detail``, the whole confusion matrix and the fallback's precision/recall curve, which
+  ``eval --html`` draws);
 * ``suspect_utterances``: the utterances the cross-validation sends to another route (no
   labelled data needed).
 """
@@ -23,6 +25,7 @@ from .._routing.decision import (
 )
 from .._routing.schema import DecisionMethod
 from .._routing.selection import CrossValidation, candidate_scores
+from .fallback_curve import fallback_curve, fallback_slack
 from .labelled import label_indices
 
 __all__ = [
@@ -30,6 +33,7 @@ __all__ = [
     "CONFUSIONS_LISTED",
     "EXAMPLES_LISTED",
     "confusing_utterances",
+    "confusion_matrix",
     "evaluate",
     "overlapping_routes",
     "ratio",
@@ -60,10 +64,7 @@ def report(
     pred, _ = choose(scores, thresholds, passing)
     top1 = scores.argmax(axis=1) if len(gold) else np.zeros(0, dtype=np.intp)
     in_scope = gold >= 0
-    g = np.where(gold < 0, n_routes, gold)
-    p = np.where(pred < 0, n_routes, pred)
-    cm = np.bincount(g * (n_routes + 1) + p, minlength=(n_routes + 1) ** 2)
-    cm = cm.reshape(n_routes + 1, n_routes + 1)
+    cm = confusion_matrix(n_routes, gold, pred)
     hits = np.diag(cm)
     support = cm.sum(axis=1)
     predicted = cm.sum(axis=0)
@@ -86,6 +87,15 @@ def report(
         "per_route": per_route,
         "confusions": confusions,
     }
+
+
+def confusion_matrix(n_routes: int, gold: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """``(R + 1, R + 1)`` counts, gold by row and predicted by column; the last row and column
+    are the fallback (gold: no route; predicted: the fallback taken)."""
+    g = np.where(gold < 0, n_routes, gold)
+    p = np.where(pred < 0, n_routes, pred)
+    cm = np.bincount(g * (n_routes + 1) + p, minlength=(n_routes + 1) ** 2)
+    return cm.reshape(n_routes + 1, n_routes + 1)
 
 
 def _per_route(
@@ -138,6 +148,8 @@ def evaluate(
     embeddings: np.ndarray,
     labels: Sequence[str | None],
     texts: Sequence[str] | None = None,
+    *,
+    detail: bool = False,
 ) -> dict[str, Any]:
     """Route ``embeddings`` (N, D) with ``table`` and compare with ``labels`` (None = fallback).
 
@@ -147,7 +159,9 @@ def evaluate(
     precision/recall/F1, the most frequent ``confusions`` (gold -> predicted; None = fallback),
     ``fallback_reasons`` (how many fallbacks each reason caused), and the authoring aids
     ``confusing_utterances`` and ``overlapping_routes`` (``texts``, the queries, give
-    examples; a head with a lexical view needs them).
+    examples; a head with a lexical view needs them). ``detail`` adds ``confusion_matrix``
+    (``labels``: the route names then None, the fallback; ``counts``: gold by row, predicted
+    by column) and ``fallback_curve`` (see ``fallback_curve.fallback_curve``).
     """
     gold = label_indices(table, labels)
     m = score_matrix(table, embeddings, texts)
@@ -156,6 +170,10 @@ def evaluate(
     figures["fallback_reasons"] = _fallback_counts(table, m, pred, best)
     figures["confusing_utterances"] = confusing_utterances(table, m.sims, pred, gold, texts)
     figures["overlapping_routes"] = overlapping_routes(table)
+    if detail:
+        cm = confusion_matrix(len(table.names), gold, pred)
+        figures["confusion_matrix"] = {"labels": [*table.names, None], "counts": cm.tolist()}
+        figures["fallback_curve"] = fallback_curve(fallback_slack(table, m), gold)
     return figures
 
 
