@@ -208,6 +208,12 @@ def _add_eval(sub: Any, common: argparse.ArgumentParser, methods: Sequence[str])
     p.add_argument("--data", required=True, help="labelled JSONL")
     p.add_argument("--method", choices=methods, help="override the routes file's method")
     p.add_argument("--json", action="store_true", help="end with one JSON line of figures")
+    p.add_argument(
+        "--html",
+        metavar="PATH",
+        help="also write the figures as one self-contained HTML page with charts (needs the "
+        "[report] extra: pip install 'semroute-stream[report]')",
+    )
     p.set_defaults(func=cmd_eval)
 
 

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -21,10 +22,12 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from .._errors import ConfigError, InputError
+from .._files import atomic_write_bytes
 from .._input import parse_input
 from .._offline.compare import compare_methods
 from .._offline.evaluate import evaluate, suspect_utterances
 from .._offline.fit import fit_labelled
+from .._offline.html_report import render_html, require_report_libraries
 from .._offline.labelled import Labelled, load_labelled
 from .._offline.route_file import default_rejects_path, route_file
 from .._routing.importers import import_routes
@@ -163,6 +166,8 @@ def _with_end(texts: Iterator[str]) -> Iterator[str | None]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    if args.html:
+        require_report_libraries()  # before the encoding, not after it
     routes = _load_routes(args)
     data = load_labelled(args.data, routes.names)
     encoder = make_encoder(args)
@@ -173,7 +178,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     embeddings = _encode_all(encoder, data.texts, "encoding")
     encode_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    figures = evaluate(router.table, embeddings, data.labels, data.texts)
+    figures = evaluate(
+        router.table, embeddings, data.labels, data.texts, detail=args.html is not None
+    )
     decide_seconds = time.perf_counter() - t0
     comparison = _authoring_aids(router, figures, embeddings, data)
     seconds = time.perf_counter() - started
@@ -188,17 +195,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f"and head), {encode_seconds:.2f} encoding {len(data)} texts, "
         f"{decide_seconds:.3f} deciding and reporting"
     )
+    meta = {
+        "method_requested": routes.method,
+        "routes": str(args.routes),
+        "data": str(args.data),
+        "routes_version": router.version,
+        "model": encoder.model_name,
+    }
+    if args.html:
+        _write_html(Path(args.html), figures, meta)
     if args.json:
         print_json_last(
             {
-                **figures,
-                "method_requested": routes.method,
+                **{k: v for k, v in figures.items() if k not in _HTML_ONLY},
+                **meta,
                 "resolution": router.resolution.summary(),
                 "methods": comparison,
-                "routes": str(args.routes),
-                "data": str(args.data),
-                "routes_version": router.version,
-                "model": encoder.model_name,
                 "seconds": round(seconds, 3),
                 "load_seconds": round(load_seconds, 3),
                 "encode_seconds": round(encode_seconds, 3),
@@ -206,6 +218,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
             }
         )
     return 0
+
+
+_HTML_ONLY = ("confusion_matrix", "fallback_curve")  # evaluate's detail: the page's, not JSON
+
+
+def _write_html(path: Path, figures: dict[str, Any], meta: dict[str, Any]) -> None:
+    """The HTML report, written atomically."""
+    generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    page = render_html(figures, {**meta, "generated": generated}).encode("utf-8")
+    atomic_write_bytes(path, page, mode=0o644)
+    print(f"html report: {path} ({len(page) / 1024:.0f} KiB)")
 
 
 def _authoring_aids(
