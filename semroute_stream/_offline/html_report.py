@@ -22,7 +22,7 @@ FIGURE_IDS = ("confusion", "fallback-curve", "f1-bars", "confusing")
 _SUMMARY = (
     ("overall_accuracy", "overall accuracy"),
     ("in_scope_accuracy", "in-scope accuracy"),
-    ("top1_accuracy", "top-1 in scope (no thresholds)"),
+    ("top1_accuracy", "top-1 (no thresholds)"),
     ("macro_f1", "macro F1"),
     ("fallback_precision", "fallback precision"),
     ("fallback_recall", "fallback recall"),

@@ -105,18 +105,21 @@ def worst_routes(per_route: dict[str, dict[str, Any]], limit: int = WORST_ROUTES
 
 
 def _grouped(cm: dict[str, Any], shown: list[str]) -> tuple[np.ndarray, list[str], list[str]]:
-    """The confusion matrix summed into the ``shown`` routes, the other routes, the fallback."""
+    """The confusion matrix summed into the ``shown`` routes, the other routes (when there
+    are any) and the fallback."""
     counts = np.asarray(cm["counts"], dtype=np.int64)
     names = cm["labels"][:-1]
+    others = len(shown) < len(names)
     index = {name: i for i, name in enumerate(names)}
     group = np.full(len(names) + 1, len(shown), dtype=np.intp)  # the other routes
     for k, name in enumerate(shown):
         group[index[name]] = k
-    group[-1] = len(shown) + 1  # the fallback
-    n = len(shown) + 2
+    n = len(shown) + 1 + others
+    group[-1] = n - 1  # the fallback
     grouped = np.zeros((n, n), dtype=np.int64)
     np.add.at(grouped, (group[:, None], group[None, :]), counts)
-    return grouped, [*shown, _OTHER, _NO_ROUTE], [*shown, _OTHER, _FALLBACK]
+    middle = [_OTHER] if others else []
+    return grouped, [*shown, *middle, _NO_ROUTE], [*shown, *middle, _FALLBACK]
 
 
 @_styled
@@ -126,10 +129,11 @@ def confusion_chart(figures: dict[str, Any], limit: int = WORST_ROUTES) -> str:
     row; numbers: counts."""
     shown = worst_routes(figures["per_route"], limit)
     grouped, rows, cols = _grouped(figures["confusion_matrix"], shown)
-    n = len(rows)
+    n, summed = len(rows), len(rows) - len(shown)  # summed: the other routes and the fallback
     share = grouped / np.maximum(grouped.sum(axis=1, keepdims=True), 1)
     hidden = np.zeros(share.shape, dtype=bool)
-    hidden[n - 2, n - 2] = True  # other -> other: the bulk of the data, no news
+    if summed == 2:
+        hidden[n - 2, n - 2] = True  # other -> other: the bulk of the data, no news
     side = max(4.0, 0.36 * n + 2.6)
     fig = _figure(side + 0.9, side)
     ax = fig.add_subplot()
@@ -151,8 +155,8 @@ def confusion_chart(figures: dict[str, Any], limit: int = WORST_ROUTES) -> str:
     ax.set_yticks(np.arange(n + 1) - 0.5, minor=True)
     ax.grid(which="minor", color="white", linewidth=0.8)
     ax.tick_params(which="minor", length=0)
-    ax.axhline(n - 2.5, color="#555555", linewidth=1.0)  # the shown routes | the others
-    ax.axvline(n - 2.5, color="#555555", linewidth=1.0)
+    ax.axhline(len(shown) - 0.5, color="#555555", linewidth=1.0)  # the routes | the sums
+    ax.axvline(len(shown) - 0.5, color="#555555", linewidth=1.0)
     fig.colorbar(image, ax=ax, shrink=0.6, label="share of the labelled row")
     label = f"Confusion heatmap of the {len(shown)} routes with the lowest F1"
     return _svg(fig, "confusion", label)
@@ -188,8 +192,9 @@ def curve_chart(curve: dict[str, Any], method: str) -> str:
     ax.annotate(text, xy=(0.0, 1.02), xycoords=("data", "axes fraction"), ha="center",
                 fontsize=8.5, annotation_clip=False)  # fmt: skip
     if point["recall"] is None:
-        ax.text(0.5, 0.5, "no rows without a route in the data: recall is undefined",
-                transform=ax.transAxes, ha="center", color="#7f7f7f")  # fmt: skip
+        ax.text(0.5, 0.3, "no rows without a route in the data: recall is undefined",
+                transform=ax.transAxes, ha="center", color="#555555",
+                bbox={"facecolor": "white", "edgecolor": "#cccccc"})  # fmt: skip
     cuts = "min_confidence, similarity floor, min_margin" if method == "head" else "thresholds"
     ax.set_xlabel(f"offset added to every route's cut ({cuts}); 0 = as configured")
     ax.set_ylabel("fallback (out of scope = positive)")
