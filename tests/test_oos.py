@@ -11,6 +11,7 @@ import pytest
 from semroute_stream._cli.app import build_parser
 from semroute_stream._errors import ConfigError
 from semroute_stream._offline.compare import LabelledScores, energy_scores, head_fallback
+from semroute_stream._offline.evaluate import evaluate
 from semroute_stream._offline.thresholds import DEFAULT_OBJECTIVE, global_cut, row_weights
 from semroute_stream._routing.decision import FALLBACK_REASONS, RouteTable, decide
 from semroute_stream._routing.head_params import HeadParams
@@ -84,6 +85,13 @@ def test_a_query_below_the_energy_floor_falls_back_with_its_reason() -> None:
     assert d.route.tolist() == [0, -1]
     assert FALLBACK_REASONS[d.reason[1]] == "low_energy"
     assert d.explain(1, table)["fallback_reason"] == "low_energy"
+
+
+def test_eval_counts_the_energy_fallbacks() -> None:
+    table, queries = _energy_table(1.0)
+    figures = evaluate(table, queries, ["a", None])
+    assert figures["fallback_reasons"] == {"low_energy": 1}
+    assert figures["fallback_recall"] == 1.0
 
 
 def test_head_params_reject_a_non_finite_energy_floor() -> None:
