@@ -182,11 +182,15 @@ def test_head_fallback_raises_the_energy_floor_for_the_stated_share() -> None:
     gold = np.concatenate([np.zeros(n_high + n_low, np.intp), -np.ones(n_oos, np.intp)])
     nearest = np.full(log_proba.shape, 0.5)
     ls = LabelledScores(gold, nearest, nearest, log_proba)
-    settings = {"temperature": 1.0, "anchor_confidence": 0.0, "anchor_similarity": -1.0}
     row_energy = energy_scores(log_proba, 1.0)
     fitted = {
         objective: head_fallback(
-            log_proba, ls, weights=row_weights(gold, objective, 0.2), **settings
+            log_proba,
+            ls,
+            temperature=1.0,
+            anchor_confidence=0.0,
+            anchor_similarity=-1.0,
+            weights=row_weights(gold, objective, 0.2),
         )
         for objective in ("accuracy", "balanced")
     }
@@ -196,6 +200,28 @@ def test_head_fallback_raises_the_energy_floor_for_the_stated_share() -> None:
     # below the highest of them (all but one).
     assert np.all(row_energy[gold < 0] < floor)
     assert np.sum(row_energy[gold >= 0] < floor) == n_low - 1
+
+
+def test_head_fallback_keeps_the_anchor_when_told_not_to_learn_the_energy_floor() -> None:
+    log_proba = np.array([[0.0, -5.0], [-1.0, -6.0], [-3.0, -8.0]])
+    gold = np.array([0, 0, 0])
+    nearest = np.full(log_proba.shape, 0.5)
+    ls = LabelledScores(gold, nearest, nearest, log_proba)
+    fitted = [
+        head_fallback(
+            log_proba,
+            ls,
+            temperature=1.0,
+            anchor_confidence=0.0,
+            anchor_similarity=-1.0,
+            anchor_energy=-0.5,
+            learn_energy_floor=learn,
+        )
+        for learn in (False, True)
+    ]
+    kept, learnt = fitted
+    assert kept.min_energy == -0.5  # rejects two in-scope rows: the prior-free floor stays
+    assert learnt.min_energy < energy_scores(log_proba, 1.0).min()  # rows right: no floor
 
 
 def test_the_default_objective_is_balanced() -> None:

@@ -103,12 +103,13 @@ def energy_scores(s: np.ndarray, temperature: float) -> np.ndarray:
     return logsumexp(np.where(np.isfinite(s), s, -1e4).astype(np.float64) / temperature)
 
 
-def _energy_floors(energy: np.ndarray, gold: np.ndarray, anchor: float | None) -> np.ndarray:
+def _energy_floors(
+    energy: np.ndarray, gold: np.ndarray, anchor: float | None, learn: bool
+) -> np.ndarray:
     """The energy floors to try: quantiles of the in-scope rows' energy and ``anchor``; only
-    ``anchor`` when there are no out-of-scope rows to weigh a floor against (no labelled
-    out-of-scope share is then learnt: the prior-free floor stays)."""
+    ``anchor`` when not ``learn`` or there are no in-scope rows."""
     in_scope = energy[gold >= 0]
-    if not (gold < 0).any() or len(in_scope) == 0:
+    if not learn or len(in_scope) == 0:
         return np.array([-MAX_ENERGY if anchor is None else anchor])
     grid = np.round(np.quantile(in_scope, ENERGY_GRID), 4)
     grid[0] = max(-MAX_ENERGY, float(in_scope.min()) - 1.0)
@@ -125,11 +126,13 @@ def head_fallback(
     anchor_similarity: float,
     anchor_energy: float | None = None,
     weights: np.ndarray | None = None,
+    learn_energy_floor: bool = True,
 ) -> HeadFallback:
     """The global confidence, similarity and energy floors that get the most rows right
     (top route only; rows weighted by ``weights``, see ``thresholds.row_weights``): for each
     candidate similarity and energy floor, the exact best confidence cut. Ties go to the
-    floors nearest the anchors (the cross-validation's)."""
+    floors nearest the anchors (the cross-validation's). Without ``learn_energy_floor`` the
+    energy floor stays ``anchor_energy``."""
     gold = ls.gold
     rows = np.arange(len(gold))
     proba = finite_softmax(s / temperature)
@@ -151,7 +154,7 @@ def head_fallback(
     anchor_e = anchor_energy if anchor_energy is not None else -MAX_ENERGY
     # (gain, -|energy floor - anchor|, -|floor - anchor|, floor, confidence, energy floor)
     best: tuple[float, float, float, float, float, float] | None = None
-    for e_floor in _energy_floors(energy, gold, anchor_energy):
+    for e_floor in _energy_floors(energy, gold, anchor_energy, learn_energy_floor):
         for floor in floors:
             ok = (sim_top >= floor) & (energy >= e_floor)
             if ok.any():

@@ -120,7 +120,7 @@ def fit_routes(
     if not options:
         raise ValueError(f"no method to fit among {list(methods)!r}")
     cv_choice = choose_method(head.cv, allowed=("head",)) if head and head.cv else None
-    found = _score_candidates(routes, ls, options, cv_choice, weights)
+    found = _score_candidates(routes, ls, options, cv_choice, weights, objective)
     method, blend = options[found.best]
     if method != "head":
         compiled = compile_table(routes, table.utterance_embeddings, method=method)
@@ -157,6 +157,7 @@ def _score_candidates(
     options: list[tuple[DecisionMethod, float]],
     cv_choice: MethodChoice | None,
     weights: np.ndarray,
+    objective: Objective,
 ) -> _Candidates:
     """Each candidate's best global fallback and the (weighted) rows it then gets right; the
     first candidate with the most wins."""
@@ -166,6 +167,9 @@ def _score_candidates(
     anchor_conf = cv_choice.min_confidence if cv_choice else 0.0
     anchor_sim = cv_choice.min_similarity if cv_choice else 0.0
     share = _share_below_energy_floor(ls, cv_choice)
+    # balanced with no out-of-scope rows to weigh a floor against: the prior-free floor stays
+    # (accuracy takes the data's share, none, at its word).
+    learn_energy = objective == "accuracy" or bool(np.any(~in_scope))
     found = _Candidates(options)
     best_gain = 0.0
     for i, (method, blend) in enumerate(options):
@@ -188,6 +192,7 @@ def _score_candidates(
                 anchor_similarity=anchor_sim,
                 anchor_energy=anchor_energy,
                 weights=weights,
+                learn_energy_floor=learn_energy,
             )
             found.head_settings[i] = fb
             gain = fb.gain
