@@ -5,10 +5,16 @@ synthetic data."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
+import yaml
+from fakes import FakeEncoder
 
-from semroute_stream._cli.app import build_parser
+from semroute_stream._cli import offline as _cli_offline
+from semroute_stream._cli.app import build_parser, main
 from semroute_stream._errors import ConfigError
 from semroute_stream._offline.compare import LabelledScores, energy_scores, head_fallback
 from semroute_stream._offline.evaluate import evaluate
@@ -243,7 +249,7 @@ def test_fit_parses_the_objective_and_the_rate() -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--expected-oos-rate", "1"], "must be a share of the traffic in [0, 1)"),
+        (["--expected-oos-rate", "1"], "in [0, 1) (0.2 = 20 % out-of-scope), got 1\n"),
         (["--expected-oos-rate", "-0.5"], "must be a share of the traffic in [0, 1)"),
         (["--expected-oos-rate", "lots"], "not a number: 'lots'"),
         (["--objective", "recall"], "invalid choice: 'recall'"),
@@ -280,3 +286,42 @@ def test_the_routes_schema_rejects_a_bad_energy_floor(value: object, message: st
         parse_routes(_routes({"min_energy": value}), "routes.yaml")
     text = str(exc.value)
     assert "routes.yaml: head: min_energy:" in text and message in text
+
+
+def test_fit_says_what_it_tuned_for(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(_cli_offline, "make_encoder", lambda args: FakeEncoder())
+    monkeypatch.setenv("SEMROUTE_CACHE_DIR", str(tmp_path / "cache"))
+    routes = {
+        "routes": [
+            {"name": "billing", "utterances": ["refund my charge", "billing invoice wrong"]},
+            {"name": "login", "utterances": ["cannot log in", "reset my password"]},
+        ]
+    }
+    rows = [
+        {"text": "i want a refund", "label": "billing"},
+        {"text": "password reset please", "label": "login"},
+        {"text": "tell me a joke", "label": None},
+    ]
+    (tmp_path / "routes.yaml").write_text(yaml.safe_dump(routes))
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = [
+        "fit",
+        "--routes",
+        str(tmp_path / "routes.yaml"),
+        "--data",
+        str(tmp_path / "data.jsonl"),
+    ]
+    argv += ["--out", str(tmp_path / "out.yaml"), "--json"]
+    seen = {}
+    for extra in ([], ["--expected-oos-rate", "0.35"], ["--objective", "accuracy"]):
+        assert main([*argv, *extra]) == 0
+        out = capsys.readouterr().out
+        summary = json.loads(out.rstrip("\n").splitlines()[-1])
+        seen[tuple(extra)] = (summary["objective"], summary["expected_oos_rate"])
+    assert seen == {
+        (): ("balanced", 0.2),
+        ("--expected-oos-rate", "0.35"): ("balanced", 0.35),
+        ("--objective", "accuracy"): ("accuracy", None),
+    }

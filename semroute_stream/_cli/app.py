@@ -71,7 +71,7 @@ def _oos_rate(value: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
     if not (0.0 <= rate < 1.0):
         raise argparse.ArgumentTypeError(
-            f"must be a share of the traffic in [0, 1) (0.2 = 20 %% out-of-scope), got {value}"
+            f"must be a share of the traffic in [0, 1) (0.2 = 20 % out-of-scope), got {value}"
         )
     return rate
 

@@ -116,6 +116,8 @@ class FitReport:
     routes_with_threshold: int = 0  # fit_file only: routes with a threshold or floor of their own
     added_utterances: int | None = None  # fit_adding_utterances only
     add_utterances: AddUtterances = "none"
+    objective: Objective = DEFAULT_OBJECTIVE  # fit_file only: what the fallback was tuned for
+    oos_rate: float = DEFAULT_OOS_RATE  # fit_file only: the out-of-scope share (balanced)
 
 
 def fit_labelled(
@@ -220,6 +222,8 @@ def fit_file(
         fit_seconds=fit_seconds,
         candidates=result.candidates,
         routes_with_threshold=tuned,
+        objective=objective,
+        oos_rate=oos_rate,
     )
 
 
