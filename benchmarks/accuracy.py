@@ -721,7 +721,7 @@ def print_oos_curve(section: dict[str, Any]) -> None:
         if "skipped" in row:
             print(f"  {name}: {row['skipped']}")
             continue
-        print(f"  {name}" + "".join(f"{f'{r:.0%} OOS':>22}" for r in row["rates"]))
+        print(f"  {name:<36}" + "".join(f"{f'{r:.0%} OOS':>22}" for r in row["rates"]))
         for label, curve in row["curves"].items():
             cells = "".join(
                 f"{f['overall_accuracy']:>8.4f}{f['in_scope_accuracy']:>7.4f}"
