@@ -33,6 +33,19 @@ where OpenVINO is missing or the CPU has no native bf16 units.
 
     .venv/bin/python benchmarks/accuracy.py --json --sections precision_agreement   # just that
     .venv/bin/python benchmarks/accuracy.py --json --backend onnxruntime --precision fp32
+
+``oos_curve``: the datasets with out-of-scope rows (CLINC150 and its domains) at 3, 10, 20
+and 30 % out-of-scope traffic. Weighting: the in-scope rows and the out-of-scope rows are
+re-weighted to the share ``p`` (each out-of-scope row counts ``p / (1 - p) * n_in / n_out``
+in-scope rows), so the overall accuracy at ``p`` is ``(1 - p) * in-scope accuracy + p *
+fallback recall`` -- exact in expectation, the 100 out-of-scope rows are never copied. Every
+figure is the mean of the two held-out halves (``halves``, seed 7): as shipped (``auto``, no
+labels; also without its energy floor, as before it existed), and ``fit`` on one half
+evaluated on the other with ``--objective accuracy`` and with ``--objective balanced`` at
+several ``--expected-oos-rate`` values. A seeded resample (the out-of-scope rows drawn with
+replacement up to the share, the in-scope rows kept) cross-checks the re-weighting at 20 %.
+
+    .venv/bin/python benchmarks/accuracy.py --json --sections oos_curve   # Banking77: skipped
 """
 
 from __future__ import annotations
@@ -66,6 +79,11 @@ from semroute_stream._files import default_cache_root  # noqa: E402
 from semroute_stream._offline.evaluate import evaluate  # noqa: E402
 from semroute_stream._offline.fit import add_labelled_utterances  # noqa: E402
 from semroute_stream._offline.labelled import Labelled, load_labelled  # noqa: E402
+from semroute_stream._offline.thresholds import (  # noqa: E402
+    DEFAULT_OBJECTIVE,
+    DEFAULT_OOS_RATE,
+    Objective,
+)
 from semroute_stream._offline.tune import fit_routes  # noqa: E402
 from semroute_stream._routing.decision import decide  # noqa: E402
 from semroute_stream._routing.head_cache import _fingerprint  # noqa: E402
@@ -93,7 +111,17 @@ TARGETS = {
 ADDED = "fitted_adding_other_half_as_utterances"
 FIGURES = ("overall_accuracy", "in_scope_accuracy", "top1_accuracy", "fallback_recall")
 BATCH = 64
-SECTIONS = ("datasets", "precision_agreement")
+SECTIONS = ("datasets", "precision_agreement", "oos_curve")
+OOS_RATES = (0.03, 0.10, 0.20, 0.30)
+#: The fits of the oos_curve section: (label, objective, expected out-of-scope rate).
+OOS_FITS = (
+    ("fit_accuracy", "accuracy", 0.2),
+    ("fit_balanced_0.1", "balanced", 0.1),
+    ("fit_balanced_0.2", "balanced", 0.2),
+    ("fit_balanced_0.3", "balanced", 0.3),
+    ("fit_balanced_0.5", "balanced", 0.5),
+)
+OOS_GOAL = {"rate": 0.2, "overall_accuracy": 0.84, "fallback_recall": 0.70}
 #: The variants of the precision section, and the pairs it compares (reference first).
 VARIANTS = (("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"))
 PAIRS = (
@@ -187,14 +215,29 @@ class Case:
         queries = self.queries if rows is None else self.queries[rows]
         return resolution, evaluate(resolution.table, queries, data.labels, data.texts)
 
-    def fit(self, rows: np.ndarray | None, cache: Path | None) -> tuple[RoutesConfig, Any]:
+    def fit(
+        self,
+        rows: np.ndarray | None,
+        cache: Path | None,
+        objective: Objective = DEFAULT_OBJECTIVE,
+        oos_rate: float = DEFAULT_OOS_RATE,
+    ) -> tuple[RoutesConfig, Any]:
         data = self.data if rows is None else subset(self.data, rows)
         queries = self.queries if rows is None else self.queries[rows]
         head = train_route_head(
             self.routes, self.utterances, self.names, model_name=self.model_name, cache_dir=cache
         )
         base = compile_table(self.routes, self.utterances, method="max")
-        result = fit_routes(self.routes, base, head, queries, data.labels, texts=data.texts)
+        result = fit_routes(
+            self.routes,
+            base,
+            head,
+            queries,
+            data.labels,
+            texts=data.texts,
+            objective=objective,
+            oos_rate=oos_rate,
+        )
         return result.routes, result
 
     def fit_adding_utterances(
@@ -274,6 +317,73 @@ def run_case(case: Case, cache: Path) -> dict[str, Any]:
             )
     held["mean"] = mean
     out["held_out"] = held
+    return out
+
+
+def at_rates(in_scope: float, recall: float) -> dict[str, dict[str, float]]:
+    """Overall accuracy at each out-of-scope share of ``OOS_RATES``, by re-weighting."""
+    return {
+        f"{rate:.2f}": {
+            "overall_accuracy": round((1 - rate) * in_scope + rate * recall, 4),
+            "in_scope_accuracy": round(in_scope, 4),
+            "fallback_recall": round(recall, 4),
+        }
+        for rate in OOS_RATES
+    }
+
+
+def resampled_overall(case: Case, table: Any, rows: np.ndarray, rate: float, seed: int) -> float:
+    """Overall accuracy on ``rows`` with the out-of-scope rows drawn (seeded, with
+    replacement) until they are ``rate`` of the rows: the cross-check of the re-weighting."""
+    data = subset(case.data, rows)
+    pred = decide(table, case.queries[rows], data.texts).route
+    gold = np.array(
+        [-1 if label is None else case.routes.names.index(label) for label in data.labels]
+    )
+    oos = np.flatnonzero(gold < 0)
+    n_in = int((gold >= 0).sum())
+    n_out = round(rate / (1 - rate) * n_in)
+    drawn = np.random.default_rng(seed).choice(oos, size=n_out, replace=True)
+    right = int(np.sum(pred[gold >= 0] == gold[gold >= 0])) + int(np.sum(pred[drawn] < 0))
+    return round(right / (n_in + n_out), 4)
+
+
+def oos_curve(case: Case, cache: Path) -> dict[str, Any]:
+    """As shipped and after ``fit`` (each objective), on held-out halves, at 3-30 % OOS."""
+    if all(label is not None for label in case.data.labels):
+        return {"skipped": "no out-of-scope rows in the dev file"}
+    a, b = halves(case.data.labels)
+    no_floor = case.routes.model_copy(
+        update={"head": case.routes.head.model_copy(update={"min_energy": -1000.0})}
+    )
+    variants: dict[str, Any] = {"as_shipped": None, "as_shipped_without_energy_floor": None}
+    variants.update({label: (objective, rate) for label, objective, rate in OOS_FITS})
+    out: dict[str, Any] = {"rates": list(OOS_RATES), "goal": OOS_GOAL, "curves": {}}
+    resampled: dict[str, list[float]] = {}
+    for label, spec in variants.items():
+        halves_figures = []
+        for train, test in ((a, b), (b, a)):
+            if label == "as_shipped":
+                routes = case.routes
+            elif label == "as_shipped_without_energy_floor":
+                routes = no_floor
+            else:
+                objective, rate = spec
+                routes, _ = case.fit(train, cache, objective, rate)
+            resolution, figures = case.evaluate(routes, test, cache)
+            halves_figures.append(figures)
+            resampled.setdefault(label, []).append(
+                resampled_overall(case, resolution.table, test, 0.2, seed=7)
+            )
+        in_scope = statistics.fmean(f["in_scope_accuracy"] for f in halves_figures)
+        recall = statistics.fmean(f["fallback_recall"] for f in halves_figures)
+        out["curves"][label] = {
+            "method": resolution.method,
+            "objective": None if spec is None else {"objective": spec[0], "oos_rate": spec[1]},
+            "at": at_rates(in_scope, recall),
+        }
+        log(f"oos_curve {case.name} {label}: in-scope {in_scope:.4f} recall {recall:.4f}")
+    out["resampled_0.20_overall"] = {k: round(statistics.fmean(v), 4) for k, v in resampled.items()}
     return out
 
 
@@ -523,6 +633,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             report["decision_cost"] = time_decision(timing_case, encoder, cache)
         report["datasets"] = results
         section_seconds["datasets"] = time.perf_counter() - started
+    if "oos_curve" in sections:
+        started = time.perf_counter()
+        encoder = Encoder(EncoderConfig(backend=args.backend, precision=args.precision))
+        embed = Embeddings(encoder, root / "bench-embeddings")
+        curves: dict[str, Any] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in args.cases:
+                curves[name] = oos_curve(Case(name, embed, encoder.model_name), Path(tmp))
+        report["oos_curve"] = curves
+        section_seconds["oos_curve"] = time.perf_counter() - started
     if "precision_agreement" in sections:
         started = time.perf_counter()
         report["precision_agreement"] = precision_agreement(args.cases, root)
@@ -550,6 +670,8 @@ def print_summary(report: dict[str, Any]) -> None:
     if "datasets" in report:
         print(f"model: {report['model']} ({report['encoder']})")
         print_datasets(report)
+    if "oos_curve" in report:
+        print_oos_curve(report["oos_curve"])
     precision = report.get("precision_agreement")
     if precision is not None:
         print_precision(precision)
@@ -591,6 +713,22 @@ def print_datasets(report: dict[str, Any]) -> None:
             f"  {method:<10} {d[f'decide_ms_per_query_{method}']} ms/query "
             f"({100 * d[f'decide_share_of_encode_{method}']:.2f}% of the encoder)"
         )
+
+
+def print_oos_curve(section: dict[str, Any]) -> None:
+    print("\nout-of-scope curve (held-out halves; overall / in-scope / fallback recall):")
+    for name, row in section.items():
+        if "skipped" in row:
+            print(f"  {name}: {row['skipped']}")
+            continue
+        print(f"  {name:<36}" + "".join(f"{f'{r:.0%} OOS':>22}" for r in row["rates"]))
+        for label, curve in row["curves"].items():
+            cells = "".join(
+                f"{f['overall_accuracy']:>8.4f}{f['in_scope_accuracy']:>7.4f}"
+                f"{f['fallback_recall']:>7.4f}"
+                for f in curve["at"].values()
+            )
+            print(f"    {label:<34}{cells}")
 
 
 def print_precision(section: dict[str, Any]) -> None:

@@ -81,7 +81,12 @@ def keyword_case(
         {
             "method": "head",
             "default_threshold": -1.0,
-            "head": {"use_names": False, "lexical": lexical, "min_confidence": 0.0},
+            "head": {
+                "use_names": False,
+                "lexical": lexical,
+                "min_confidence": 0.0,
+                "min_energy": -1000.0,  # no fallback: top-1 is what is measured
+            },
             "routes": [
                 {"name": f"r{k}", "utterances": [text(word) for _ in range(12)]}
                 for k, word in enumerate(words)

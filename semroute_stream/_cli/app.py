@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._errors import ConfigError, InputError, SemrouteError
+from .._offline.thresholds import DEFAULT_OBJECTIVE, DEFAULT_OOS_RATE, OBJECTIVES
 from .._routing.importers import IMPORT_FORMATS
 from .._routing.schema import ROUTES_METHODS
 from .._schemas import SCHEMA_NAMES
@@ -60,6 +61,19 @@ def _positive(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError("must be >= 1")
     return number
+
+
+def _oos_rate(value: str) -> float:
+    """``--expected-oos-rate``: a share in ``[0, 1)``."""
+    try:
+        rate = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not (0.0 <= rate < 1.0):
+        raise argparse.ArgumentTypeError(
+            f"must be a share of the traffic in [0, 1) (0.2 = 20 % out-of-scope), got {value}"
+        )
+    return rate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,6 +259,22 @@ def _add_fit(sub: Any, common: argparse.ArgumentParser, methods: Sequence[str]) 
         help="also add labelled rows to their route's utterances: all of them, or those "
         "the routes get wrong (default none); the method and fallback then come from "
         "cross-validation on the enlarged utterances",
+    )
+    p.add_argument(
+        "--objective",
+        choices=list(OBJECTIVES),
+        default=DEFAULT_OBJECTIVE,
+        help="what the fallback is tuned for: balanced (default) = the expected overall "
+        "accuracy at --expected-oos-rate out-of-scope traffic, whatever the data's own share; "
+        "accuracy = rows right on the data (its out-of-scope share becomes the fallback's)",
+    )
+    p.add_argument(
+        "--expected-oos-rate",
+        type=_oos_rate,
+        default=DEFAULT_OOS_RATE,
+        metavar="R",
+        help=f"the out-of-scope share of the traffic, in [0, 1), for --objective balanced "
+        f"(default {DEFAULT_OOS_RATE})",
     )
     p.add_argument("--json", action="store_true", help="end with one JSON line of figures")
     p.set_defaults(func=cmd_fit)

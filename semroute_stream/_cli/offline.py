@@ -263,6 +263,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         method=args.method,
         min_support=args.min_support,
         add_utterances=args.add_utterances,
+        objective=args.objective,
+        oos_rate=args.expected_oos_rate,
     )
     print_fit(fitted, routes_path=str(args.routes), min_support=args.min_support, json=args.json)
     return 0

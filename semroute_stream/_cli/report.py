@@ -166,6 +166,8 @@ def print_fit(report: FitReport, *, routes_path: str, min_support: int, json: bo
             "fit_seconds": report.fit_seconds,
             "routes_with_threshold": report.routes_with_threshold,
             "candidates": report.candidates,
+            "objective": report.objective,
+            "expected_oos_rate": report.oos_rate if report.objective == "balanced" else None,
         }
     print(f"{'':<34}{'before':>8}{'after':>8}")
     for key in _ADDED_KEYS if report.added_utterances is not None else _FIT_KEYS:
@@ -194,10 +196,14 @@ def _print_fitted(report: FitReport, min_support: int) -> None:
         print(
             f"head: blend {h.blend}, temperature {h.temperature}, min_confidence "
             f"{h.min_confidence}, similarity floor {written.default_threshold}, "
-            f"min_margin {h.min_margin}"
+            f"min_margin {h.min_margin}, min_energy {h.min_energy}"
         )
+    if report.objective == "balanced":
+        overall = f"expected overall at {report.oos_rate:.0%} out-of-scope (objective balanced)"
+    else:
+        overall = "overall on the data (objective accuracy)"
     if len(report.candidates) > 1:
-        print("candidates (top-1 in scope, overall with one fitted fallback setting):")
+        print(f"candidates (top-1 in scope, {overall} with one fitted fallback setting):")
         for c in report.candidates:
             mark = " <- chosen" if c["chosen"] else ""
             print(

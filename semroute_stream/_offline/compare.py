@@ -11,8 +11,8 @@ import numpy as np
 
 from .._routing.decision import METHODS, RouteTable
 from .._routing.head_cache import HeadModel
-from .._routing.kernels import finite_softmax
-from .._routing.schema import SIMILARITY_METHODS, DecisionMethod
+from .._routing.kernels import finite_softmax, logsumexp
+from .._routing.schema import MAX_ENERGY, SIMILARITY_METHODS, DecisionMethod
 from .._routing.selection import (
     BLEND_GRID,
     CrossValidation,
@@ -29,6 +29,7 @@ __all__ = [
     "LabelledScores",
     "accuracy",
     "compare_methods",
+    "energy_scores",
     "head_fallback",
     "labelled_scores",
     "top1_accuracy",
@@ -89,6 +90,31 @@ class HeadFallback:
     min_confidence: float
     min_similarity: float
     gain: float
+    min_energy: float = -MAX_ENERGY  # -MAX_ENERGY: no energy floor
+
+
+ENERGY_GRID = np.linspace(0.0, 0.2, 21)
+"""The energy floors ``head_fallback`` tries: these quantiles of the in-scope rows' energy
+scores (0: below every row), plus the cross-validation's floor."""
+
+
+def energy_scores(s: np.ndarray, temperature: float) -> np.ndarray:
+    """The energy score of each row (``logsumexp`` of the calibrated scores), float64."""
+    return logsumexp(np.where(np.isfinite(s), s, -1e4).astype(np.float64) / temperature)
+
+
+def _energy_floors(
+    energy: np.ndarray, gold: np.ndarray, anchor: float | None, learn: bool
+) -> np.ndarray:
+    """The energy floors to try: quantiles of the in-scope rows' energy and ``anchor``; only
+    ``anchor`` when not ``learn`` or there are no in-scope rows."""
+    in_scope = energy[gold >= 0]
+    if not learn or len(in_scope) == 0:
+        return np.array([-MAX_ENERGY if anchor is None else anchor])
+    grid = np.round(np.quantile(in_scope, ENERGY_GRID), 4)
+    grid[0] = max(-MAX_ENERGY, float(in_scope.min()) - 1.0)
+    extra = [] if anchor is None else [anchor]
+    return np.unique(np.concatenate([grid, extra]))
 
 
 def head_fallback(
@@ -98,16 +124,25 @@ def head_fallback(
     temperature: float,
     anchor_confidence: float,
     anchor_similarity: float,
+    anchor_energy: float | None = None,
+    weights: np.ndarray | None = None,
+    learn_energy_floor: bool = True,
 ) -> HeadFallback:
-    """The global confidence and similarity floors that get the most rows right (top route
-    only): for each candidate similarity floor, the exact best confidence cut."""
+    """The global confidence, similarity and energy floors that get the most rows right
+    (top route only; rows weighted by ``weights``, see ``thresholds.row_weights``): for each
+    candidate similarity and energy floor, the exact best confidence cut. Ties go to the
+    floors nearest the anchors (the cross-validation's). Without ``learn_energy_floor`` the
+    energy floor stays ``anchor_energy``."""
     gold = ls.gold
     rows = np.arange(len(gold))
     proba = finite_softmax(s / temperature)
     top = proba.argmax(axis=1)
     p_top = proba[rows, top]
     sim_top = ls.nearest[rows, top].astype(np.float64)
+    energy = energy_scores(s, temperature)
     gains = (gold == top).astype(np.float64) - (gold < 0)
+    if weights is not None:
+        gains = gains * weights
     floors = np.unique(
         np.concatenate(
             [
@@ -116,19 +151,29 @@ def head_fallback(
             ]
         )
     )
-    best: tuple[float, float, float, float] | None = None  # (gain, -|floor - anchor|, f, c)
-    for floor in floors:
-        ok = sim_top >= floor
-        if ok.any():
-            c, gain, uniq = best_cut(p_top[ok], gains[ok], anchor_confidence)
-            c = max(0.0, tidy(c, uniq))
-        else:
-            c, gain = anchor_confidence, 0.0
-        key = (round(gain, 6), -abs(float(floor) - anchor_similarity), round(float(floor), 4), c)
-        if best is None or key[:2] > best[:2]:
-            best = key
+    anchor_e = anchor_energy if anchor_energy is not None else -MAX_ENERGY
+    # (gain, -|energy floor - anchor|, -|floor - anchor|, floor, confidence, energy floor)
+    best: tuple[float, float, float, float, float, float] | None = None
+    for e_floor in _energy_floors(energy, gold, anchor_energy, learn_energy_floor):
+        for floor in floors:
+            ok = (sim_top >= floor) & (energy >= e_floor)
+            if ok.any():
+                c, gain, uniq = best_cut(p_top[ok], gains[ok], anchor_confidence)
+                c = max(0.0, tidy(c, uniq))
+            else:
+                c, gain = anchor_confidence, 0.0
+            key = (
+                round(gain, 6),
+                -abs(float(e_floor) - anchor_e),
+                -abs(float(floor) - anchor_similarity),
+                round(float(floor), 4),
+                c,
+                float(e_floor),
+            )
+            if best is None or key[:3] > best[:3]:
+                best = key
     assert best is not None
-    return HeadFallback(temperature, float(best[3]), float(best[2]), float(best[0]))
+    return HeadFallback(temperature, float(best[4]), float(best[3]), float(best[0]), float(best[5]))
 
 
 def compare_methods(
@@ -171,9 +216,19 @@ def _compare_one(
         top = proba.argmax(axis=1)
         conf = choice.min_confidence if choice is not None else 0.0
         floor = choice.min_similarity if choice is not None else -1.0
+        e_floor = choice.min_energy if choice is not None else None
         accept = (proba[rows, top] >= conf) & (ls.nearest[rows, top] >= floor)
+        if e_floor is not None:
+            accept &= energy_scores(s, t) >= e_floor
         entry["overall_accuracy"] = accuracy(np.where(accept, top, -1), ls.gold)
-        fb = head_fallback(s, ls, temperature=t, anchor_confidence=conf, anchor_similarity=floor)
+        fb = head_fallback(
+            s,
+            ls,
+            temperature=t,
+            anchor_confidence=conf,
+            anchor_similarity=floor,
+            anchor_energy=e_floor,
+        )
         gain = fb.gain
     else:
         thr = choice.similarity_threshold if choice is not None else 0.5

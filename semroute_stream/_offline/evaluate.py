@@ -192,7 +192,7 @@ def _fallback_counts(
     return {name: count for name, count in found.items() if count}
 
 
-_HEAD_REASONS = ("low_similarity", "low_confidence", "low_margin")
+_HEAD_REASONS = ("low_similarity", "low_energy", "low_confidence", "low_margin")
 
 
 # --- authoring aids ------------------------------------------------------------------------

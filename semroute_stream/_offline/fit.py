@@ -29,6 +29,7 @@ from .._routing.schema import (
 )
 from .evaluate import evaluate
 from .labelled import Labelled, label_indices
+from .thresholds import DEFAULT_OBJECTIVE, DEFAULT_OOS_RATE, Objective, row_weights
 from .tune import fit_routes
 
 __all__ = [
@@ -115,6 +116,8 @@ class FitReport:
     routes_with_threshold: int = 0  # fit_file only: routes with a threshold or floor of their own
     added_utterances: int | None = None  # fit_adding_utterances only
     add_utterances: AddUtterances = "none"
+    objective: Objective = DEFAULT_OBJECTIVE  # fit_file only: what the fallback was tuned for
+    oos_rate: float = DEFAULT_OOS_RATE  # fit_file only: the out-of-scope share (balanced)
 
 
 def fit_labelled(
@@ -126,11 +129,15 @@ def fit_labelled(
     method: RoutesMethod | None = None,
     min_support: int = 5,
     add_utterances: AddUtterances = "none",
+    objective: Objective = DEFAULT_OBJECTIVE,
+    oos_rate: float = DEFAULT_OOS_RATE,
 ) -> FitReport:
     """``fit``: the router's routes fitted on labelled ``data`` (``embeddings`` are its rows'),
     written to ``out``. ``method`` (default ``auto``: every method) limits the candidates;
     ``add_utterances`` other than ``none`` adds labelled rows to the utterances instead (see
-    ``fit_adding_utterances``)."""
+    ``fit_adding_utterances``); ``objective`` at ``oos_rate`` is what the fallback is tuned
+    for (``thresholds.row_weights``; checked before anything is fitted)."""
+    row_weights(np.zeros(0, dtype=np.intp), objective, oos_rate)  # fail fast on bad values
     before = evaluate(router.table, embeddings, data.labels, data.texts)
     started = time.perf_counter()
     names = router.name_embeddings
@@ -150,6 +157,8 @@ def fit_labelled(
         method=method,
         min_support=min_support,
         started=started,
+        objective=objective,
+        oos_rate=oos_rate,
     )
 
 
@@ -164,6 +173,8 @@ def fit_file(
     method: RoutesMethod | None,
     min_support: int,
     started: float | None = None,
+    objective: Objective = DEFAULT_OBJECTIVE,
+    oos_rate: float = DEFAULT_OOS_RATE,
 ) -> FitReport:
     """``fit`` without new utterances: ``fit_routes`` on the labelled rows (the head trained
     when it is a candidate and the router has none with a cross-validation), written to
@@ -192,6 +203,8 @@ def fit_file(
         texts=data.texts,
         methods=methods,
         min_support=min_support,
+        objective=objective,
+        oos_rate=oos_rate,
     )
     fit_seconds = time.perf_counter() - started
     written, after = _write_and_evaluate(
@@ -209,6 +222,8 @@ def fit_file(
         fit_seconds=fit_seconds,
         candidates=result.candidates,
         routes_with_threshold=tuned,
+        objective=objective,
+        oos_rate=oos_rate,
     )
 
 

@@ -4,11 +4,18 @@ A threshold only matters where it changes which route (or the fallback) a row ge
 cut is the exact best one over the observed scores: ``best_cut`` for one set of rows,
 ``global_cut`` for one threshold shared by all routes, ``per_route_cuts`` for coordinate ascent
 over routes, and ``fit_thresholds`` for the routes file of a similarity method.
+
+What a cut maximises is the objective (``row_weights``): ``accuracy`` counts rows, so the
+labelled file's share of out-of-scope rows becomes the share the cuts are tuned for;
+``balanced`` re-weights the rows to an expected out-of-scope share ``oos_rate`` and maximises
+the expected overall accuracy there, ``(1 - oos_rate) * in-scope accuracy + oos_rate *
+fallback recall``, whatever the file's own share.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -17,15 +24,47 @@ from .._routing.schema import RoutesConfig
 from .labelled import label_indices
 
 __all__ = [
+    "DEFAULT_OBJECTIVE",
+    "DEFAULT_OOS_RATE",
     "EDGE_MARGIN",
+    "OBJECTIVES",
+    "Objective",
     "best_cut",
     "fit_thresholds",
     "global_cut",
     "per_route_cuts",
+    "row_weights",
     "tidy",
 ]
 
 EDGE_MARGIN = 0.02  # how far past the lowest/highest score a threshold is put
+
+Objective = Literal["balanced", "accuracy"]
+"""What ``fit`` maximises: see ``row_weights``."""
+OBJECTIVES: tuple[Objective, ...] = get_args(Objective)
+DEFAULT_OBJECTIVE: Objective = "balanced"
+DEFAULT_OOS_RATE = 0.2
+"""The out-of-scope share ``balanced`` tunes for when none is given (docs/benchmarks.md: fits
+for 0.2 hold up from 3 % to 30 % out-of-scope traffic)."""
+
+
+def row_weights(gold: np.ndarray, objective: Objective, oos_rate: float) -> np.ndarray:
+    """Each labelled row's weight in the objective (float64; in-scope rows weigh 1).
+
+    ``accuracy``: every row weighs 1 (rows right on the data, at the data's out-of-scope
+    share). ``balanced``: out-of-scope rows (gold -1) weigh ``oos_rate / (1 - oos_rate) *
+    n_in_scope / n_out_of_scope``, so the weighted accuracy is the expected overall accuracy
+    of traffic with ``oos_rate`` out-of-scope queries. ``0 <= oos_rate < 1``."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r} (known: {', '.join(OBJECTIVES)})")
+    if not (0.0 <= oos_rate < 1.0):
+        raise ValueError(f"the expected out-of-scope rate must be in [0, 1), got {oos_rate!r}")
+    weights = np.ones(len(gold), dtype=np.float64)
+    oos = gold < 0
+    n_oos, n_in = int(oos.sum()), int((~oos).sum())
+    if objective == "balanced" and n_oos and n_in:
+        weights[oos] = oos_rate / (1.0 - oos_rate) * n_in / n_oos
+    return weights
 
 
 def best_cut(
@@ -70,14 +109,17 @@ def tidy(t: float, uniq: np.ndarray) -> float:
 
 
 def global_cut(
-    scores: np.ndarray, gold: np.ndarray, anchor: float
+    scores: np.ndarray, gold: np.ndarray, anchor: float, weights: np.ndarray | None = None
 ) -> tuple[float, float, np.ndarray]:
     """One threshold for all routes (a row goes to its top route when that passes):
-    ``(threshold, rows gained over rejecting everything, distinct top scores)``."""
+    ``(threshold, rows gained over rejecting everything, distinct top scores)``; ``weights``
+    (``row_weights``; None: 1 each) weigh the rows."""
     rows = np.arange(len(gold))
     top = scores.argmax(axis=1)
     top_score = scores[rows, top]
     accept_gain = (gold == top).astype(np.float64) - (gold < 0)
+    if weights is not None:
+        accept_gain = accept_gain * weights
     finite = np.isfinite(top_score)
     if not finite.any():
         return anchor, 0.0, np.array([anchor])
@@ -93,11 +135,14 @@ def per_route_cuts(
     *,
     min_gain: int,
     max_sweeps: int,
+    weights: np.ndarray | None = None,
 ) -> np.ndarray:
     """Coordinate ascent over routes under the "highest-scoring passing route" rule: for each
     route, the exact best threshold given all the others (a threshold only matters on rows
     where that route would win if it passed), moved only when that gets at least
-    ``min_gain`` more rows right. ``scores`` may hold ``-inf`` (the route cannot pass)."""
+    ``min_gain`` more rows right (weighted by ``weights``, in-scope rows weighing 1).
+    ``scores`` may hold ``-inf`` (the route cannot pass)."""
+    w = np.ones(len(gold)) if weights is None else weights
     thresholds = thresholds.astype(np.float64).copy()
     rows = np.arange(len(gold))
     passing = np.where(scores >= thresholds, scores, -np.inf)
@@ -113,7 +158,7 @@ def per_route_cuts(
             wins = np.isfinite(own) & ((own > alt_score) | ((own == alt_score) & (r < alt)))
             if not wins.any():
                 continue
-            gains = (gold[wins] == r).astype(np.float64) - (gold[wins] == alt[wins])
+            gains = ((gold[wins] == r).astype(np.float64) - (gold[wins] == alt[wins])) * w[wins]
             t, gain, uniq = best_cut(own[wins], gains, anchor)
             if gain >= _gain_at(own[wins], gains, thresholds[r]) + min_gain:
                 thresholds[r] = tidy(t, uniq)
@@ -133,9 +178,11 @@ def fit_thresholds(
     min_support: int = 5,
     min_gain: int = 2,
     max_sweeps: int = 10,
+    objective: Objective = "accuracy",
+    oos_rate: float = DEFAULT_OOS_RATE,
 ) -> RoutesConfig:
-    """New routes whose default and per-route thresholds maximise overall accuracy on the data
-    (similarity methods: ``table.method`` must be max or top5_mean).
+    """New routes whose default and per-route thresholds maximise the objective on the data
+    (``row_weights``; similarity methods: ``table.method`` must be max or top5_mean).
 
     The route-score matrix is computed once. First one global threshold (exact, by sorting);
     then coordinate ascent over routes (``per_route_cuts``). Routes with fewer than
@@ -148,13 +195,14 @@ def fit_thresholds(
     if table.method not in METHODS:
         raise ValueError(f"fit_thresholds: {table.method!r} is not a similarity method")
     gold = label_indices(table, labels)
+    weights = row_weights(gold, objective, oos_rate)
     scores = score_matrix(table, embeddings).scores.astype(np.float64)
     n_rows, n_routes = scores.shape
     if n_rows == 0:
         return routes.model_copy(deep=True)
 
     anchor = routes.effective_default_threshold(float(np.median(table.thresholds)))
-    default, _, uniq = global_cut(scores, gold, anchor)
+    default, _, uniq = global_cut(scores, gold, anchor, weights)
     default = tidy(default, uniq)
     support = np.bincount(gold[gold >= 0], minlength=n_routes)
     tunable = [r for r in range(n_routes) if support[r] >= min_support]
@@ -166,6 +214,7 @@ def fit_thresholds(
         default,
         min_gain=min_gain,
         max_sweeps=max_sweeps,
+        weights=weights,
     )
 
     own = [

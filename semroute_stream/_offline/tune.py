@@ -2,8 +2,10 @@
 
 Every candidate (max, top5_mean, the head at each blend) gets its best global fallback setting
 on the data; the winner is then refined per route (thresholds for the similarity methods; for
-the head: confidence floors and a margin rule). Pure numpy; the routes are never changed in
-place (``model_copy(update=...)``).
+the head: confidence floors and a margin rule). "Best" is the objective's
+(``thresholds.row_weights``): ``balanced`` (the default) maximises the expected overall
+accuracy at a stated out-of-scope share rather than at the labelled file's own. Pure numpy;
+the routes are never changed in place (``model_copy(update=...)``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ from .._routing.decision import RouteTable, choose
 from .._routing.head_cache import HeadModel
 from .._routing.kernels import finite_softmax
 from .._routing.router import compile_table
-from .._routing.schema import DECISION_METHODS, SIMILARITY_METHODS, DecisionMethod, RoutesConfig
+from .._routing.schema import (
+    DECISION_METHODS,
+    MAX_ENERGY,
+    SIMILARITY_METHODS,
+    DecisionMethod,
+    RoutesConfig,
+)
 from .._routing.selection import (
     BLEND_GRID,
     MethodChoice,
@@ -26,9 +34,24 @@ from .._routing.selection import (
     choose_method,
     fit_temperature,
 )
-from .compare import HeadFallback, LabelledScores, head_fallback, labelled_scores, top1_accuracy
+from .compare import (
+    HeadFallback,
+    LabelledScores,
+    energy_scores,
+    head_fallback,
+    labelled_scores,
+    top1_accuracy,
+)
 from .evaluate import ratio
-from .thresholds import fit_thresholds, global_cut, per_route_cuts
+from .thresholds import (
+    DEFAULT_OBJECTIVE,
+    DEFAULT_OOS_RATE,
+    Objective,
+    fit_thresholds,
+    global_cut,
+    per_route_cuts,
+    row_weights,
+)
 
 __all__ = ["FitResult", "fit_routes"]
 
@@ -64,6 +87,8 @@ def fit_routes(
     min_support: int = 5,
     min_gain: int = 2,
     max_sweeps: int = 10,
+    objective: Objective = DEFAULT_OBJECTIVE,
+    oos_rate: float = DEFAULT_OOS_RATE,
 ) -> FitResult:
     """Pick the method on labelled data and tune its fallback; the routes to write.
 
@@ -73,7 +98,10 @@ def fit_routes(
     floor -- and the candidate that then gets the most rows right wins (ties: max, top5_mean,
     then the head by increasing blend). Only then is the winner refined per route (routes
     with ``min_support`` labelled rows, moves worth ``min_gain`` rows; for the head also a
-    ``min_margin``), so the comparison itself uses few parameters per candidate.
+    ``min_margin``), so the comparison itself uses few parameters per candidate. What "best"
+    means is ``objective`` at ``oos_rate`` (``thresholds.row_weights``); the head's energy
+    floor is one of its global settings (kept at the cross-validation's when the data has
+    no out-of-scope rows).
 
     ``table`` compiles ``routes`` (its utterances are used); ``head`` is the head trained on
     those utterances (None: the head is not a candidate); ``texts`` are the labelled rows'
@@ -81,6 +109,7 @@ def fit_routes(
     if min_gain < 1 or min_support < 1:
         raise ValueError("min_gain and min_support must be >= 1")
     ls = labelled_scores(table, head, embeddings, labels, texts)
+    weights = row_weights(ls.gold, objective, oos_rate)
     if len(ls.gold) == 0:
         return FitResult(routes.model_copy(deep=True), table.method, [])
     options: list[tuple[DecisionMethod, float]] = [
@@ -91,7 +120,7 @@ def fit_routes(
     if not options:
         raise ValueError(f"no method to fit among {list(methods)!r}")
     cv_choice = choose_method(head.cv, allowed=("head",)) if head and head.cv else None
-    found = _score_candidates(routes, ls, options, cv_choice)
+    found = _score_candidates(routes, ls, options, cv_choice, weights, objective)
     method, blend = options[found.best]
     if method != "head":
         compiled = compile_table(routes, table.utterance_embeddings, method=method)
@@ -103,12 +132,21 @@ def fit_routes(
             min_support=min_support,
             min_gain=min_gain,
             max_sweeps=max_sweeps,
+            objective=objective,
+            oos_rate=oos_rate,
         )
         return FitResult(fitted, method, found.results)
     assert head is not None
     fb = found.head_settings[found.best]
     fitted = _fit_head(
-        routes, ls, fb, blend, min_support=min_support, min_gain=min_gain, max_sweeps=max_sweeps
+        routes,
+        ls,
+        fb,
+        blend,
+        weights,
+        min_support=min_support,
+        min_gain=min_gain,
+        max_sweeps=max_sweeps,
     )
     return FitResult(fitted, "head", found.results)
 
@@ -118,14 +156,20 @@ def _score_candidates(
     ls: LabelledScores,
     options: list[tuple[DecisionMethod, float]],
     cv_choice: MethodChoice | None,
+    weights: np.ndarray,
+    objective: Objective,
 ) -> _Candidates:
-    """Each candidate's best global fallback and the rows it then gets right; the first
-    candidate with the most wins."""
+    """Each candidate's best global fallback and the (weighted) rows it then gets right; the
+    first candidate with the most wins."""
     gold = ls.gold
     in_scope = gold >= 0
-    n_null = float(np.sum(~in_scope))
+    n_null = float(np.sum(weights[~in_scope]))
     anchor_conf = cv_choice.min_confidence if cv_choice else 0.0
     anchor_sim = cv_choice.min_similarity if cv_choice else 0.0
+    share = _share_below_energy_floor(ls, cv_choice)
+    # balanced with no out-of-scope rows to weigh a floor against: the prior-free floor stays
+    # (accuracy takes the data's share, none, at its word).
+    learn_energy = objective == "accuracy" or bool(np.any(~in_scope))
     found = _Candidates(options)
     best_gain = 0.0
     for i, (method, blend) in enumerate(options):
@@ -136,20 +180,31 @@ def _score_candidates(
                 if in_scope.any()
                 else (cv_choice.temperature if cv_choice else 1.0)
             )
+            anchor_energy = None
+            if share is not None:
+                energy = energy_scores(s[in_scope], t)
+                anchor_energy = round(float(np.quantile(energy, share)), 4)
             fb = head_fallback(
-                s, ls, temperature=t, anchor_confidence=anchor_conf, anchor_similarity=anchor_sim
+                s,
+                ls,
+                temperature=t,
+                anchor_confidence=anchor_conf,
+                anchor_similarity=anchor_sim,
+                anchor_energy=anchor_energy,
+                weights=weights,
+                learn_energy_floor=learn_energy,
             )
             found.head_settings[i] = fb
             gain = fb.gain
         else:
             anchor = routes.effective_default_threshold()
-            _, gain, _ = global_cut(s.astype(np.float64), gold, anchor)
+            _, gain, _ = global_cut(s.astype(np.float64), gold, anchor, weights)
         found.results.append(
             {
                 "candidate": candidate_label(method, blend),
                 "method": method,
                 "top1_accuracy": top1_accuracy(s, gold),
-                "fitted_overall_accuracy": ratio(gain + n_null, len(gold)),
+                "fitted_overall_accuracy": ratio(gain + n_null, float(weights.sum())),
             }
         )
         if i == 0 or gain > best_gain + 1e-9:
@@ -159,11 +214,24 @@ def _score_candidates(
     return found
 
 
+def _share_below_energy_floor(ls: LabelledScores, choice: MethodChoice | None) -> float | None:
+    """The share of the labelled in-scope rows below the cross-validation's energy floor (at
+    its blend and temperature), or None. Each head candidate's energy anchor is the floor
+    that rejects this share at its own blend and fitted temperature: the prior-free floor,
+    carried over to the scale of the fit."""
+    in_scope = ls.gold >= 0
+    if choice is None or choice.min_energy is None or not in_scope.any():
+        return None
+    energy = energy_scores(ls.scores("head", choice.blend)[in_scope], choice.temperature)
+    return float(np.mean(energy < choice.min_energy))
+
+
 def _fit_head(
     routes: RoutesConfig,
     ls: LabelledScores,
     fb: HeadFallback,
     blend: float,
+    weights: np.ndarray,
     *,
     min_support: int,
     min_gain: int,
@@ -173,8 +241,10 @@ def _fit_head(
     margin rule when one pays: the routes to write."""
     gold = ls.gold
     n_routes = ls.nearest.shape[1]
-    proba = finite_softmax(ls.scores("head", blend) / fb.temperature)
-    masked = np.where(ls.nearest >= fb.min_similarity, proba, -np.inf)
+    s = ls.scores("head", blend)
+    proba = finite_softmax(s / fb.temperature)
+    energy_ok = energy_scores(s, fb.temperature) >= fb.min_energy
+    masked = np.where((ls.nearest >= fb.min_similarity) & energy_ok[:, None], proba, -np.inf)
     support = np.bincount(gold[gold >= 0], minlength=n_routes)
     tunable = [r for r in range(n_routes) if support[r] >= min_support]
     confidence = per_route_cuts(
@@ -185,9 +255,10 @@ def _fit_head(
         fb.min_confidence,
         min_gain=min_gain,
         max_sweeps=max_sweeps,
+        weights=weights,
     )
     confidence = np.clip(confidence, 0.0, 1.0)
-    margin = _fit_margin(masked, proba, confidence, gold, min_gain=min_gain)
+    margin = _fit_margin(masked, proba, confidence, gold, weights, min_gain=min_gain)
     own = [
         None if support[r] < min_support or float(c) == fb.min_confidence else float(c)
         for r, c in enumerate(confidence)
@@ -198,6 +269,7 @@ def _fit_head(
             "temperature": float(fb.temperature),
             "min_confidence": float(fb.min_confidence),
             "min_margin": margin,
+            "min_energy": round(float(np.clip(fb.min_energy, -MAX_ENERGY, MAX_ENERGY)), 4),
         },
         deep=True,
     )
@@ -220,17 +292,18 @@ def _fit_margin(
     proba: np.ndarray,
     confidence: np.ndarray,
     gold: np.ndarray,
+    weights: np.ndarray,
     *,
     min_gain: int,
 ) -> float | None:
-    """A ``min_margin`` (lead over the runner-up) when one gets ``min_gain`` more rows right
-    than none, else None."""
+    """A ``min_margin`` (lead over the runner-up) when one gets ``min_gain`` more (weighted)
+    rows right than none, else None."""
     passing = masked >= confidence[None, :]
     base_pred, _ = choose(masked, confidence, passing)
-    base = int(np.sum(base_pred == gold))
+    base = float(np.sum(weights[base_pred == gold]))
     order = np.sort(proba, axis=1)
     lead = order[:, -1] - order[:, -2] if proba.shape[1] > 1 else np.ones(len(gold))
-    best_gain, best_margin = 0, None
+    best_gain, best_margin = 0.0, None
     for m in np.unique(np.round(np.quantile(lead, np.linspace(0.0, 0.3, 31)), 4)):
         if m <= 0:
             continue
@@ -238,7 +311,7 @@ def _fit_margin(
         ok = lead >= m
         keep = passing & (ok[:, None] & (np.arange(proba.shape[1])[None, :] == top[:, None]))
         pred, _ = choose(masked, confidence, keep)
-        gain = int(np.sum(pred == gold)) - base
+        gain = float(np.sum(weights[pred == gold])) - base
         if gain > best_gain:
             best_gain, best_margin = gain, float(m)
     return best_margin if best_gain >= min_gain else None

@@ -12,7 +12,8 @@ turns it into a (B x R) route-score matrix (``-inf`` where a method gives a rout
   route passes when its probability is ``>=`` its ``min_confidence``, its nearest utterance's
   cosine is ``>=`` its threshold (the similarity floor: far-away queries fall back however
   confident the head is) and, when ``min_margin`` is set, it leads every other route by at
-  least that much probability.
+  least that much probability; and, when ``min_energy`` is set, the query's energy score
+  (``kernels.logsumexp`` of the calibrated scores) reaches it: one out-of-scope test per query.
 
 The decision rule is the same for every method:
 
@@ -22,8 +23,8 @@ The decision rule is the same for every method:
 
 ``best`` is the chosen route, or, for a fallback, the highest-scoring route (the candidate
 that did not make it); ``score`` and ``threshold`` are those of ``best``, and ``reason`` says
-why a fallback happened. The kernels (max and top-5 mean by route, softmaxes, margins) are in
-``kernels``; compiling a routes file into a table is ``router.compile_table``.
+why a fallback happened. The kernels are in ``kernels``, the head's settings in
+``head_params``; compiling a routes file into a table is ``router.compile_table``.
 """
 
 from __future__ import annotations
@@ -34,8 +35,16 @@ from typing import Any
 
 import numpy as np
 
-from .kernels import head_log_proba, margins, max_by_route, softmax, top5_mean_by_route
-from .lexical import LexicalHead
+from .head_params import HeadParams, frozen_array
+from .kernels import (
+    head_log_proba,
+    logsumexp,
+    margins,
+    max_by_route,
+    runner_up,
+    softmax,
+    top5_mean_by_route,
+)
 from .schema import DECISION_METHODS, DecisionMethod, SimilarityMethod
 
 __all__ = [
@@ -49,7 +58,7 @@ __all__ = [
     "choose",
     "decide",
     "fallback_reasons",
-    "head_probabilities",
+    "head_scores",
     "score_matrix",
 ]
 
@@ -79,50 +88,9 @@ FALLBACK_REASONS: tuple[str | None, ...] = (
     "low_confidence",  # head: the calibrated probability is below min_confidence
     "low_similarity",  # head: the nearest utterance's cosine is below the similarity floor
     "low_margin",  # head: the lead over the runner-up is below min_margin
+    "low_energy",  # head: the query's energy score is below min_energy
 )
 """``Decisions.reason`` codes, as ``explain()`` names them."""
-
-
-def _frozen(array: np.ndarray) -> np.ndarray:
-    array.setflags(write=False)
-    return array
-
-
-@dataclass(frozen=True, eq=False)
-class HeadParams:
-    """A trained route head and its calibrated decision settings."""
-
-    weights: np.ndarray  # (D, R) float32
-    bias: np.ndarray  # (R,) float32
-    blend: float = 0.0  # weight of the nearest-utterance cosine added to log-probabilities
-    temperature: float = 1.0  # probabilities = softmax(scores / temperature)
-    min_confidence: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (R,)
-    min_margin: float | None = None
-    lexical: LexicalHead | None = None  # the lexical view (decisions then need the texts)
-
-    def __post_init__(self) -> None:
-        weights = np.ascontiguousarray(self.weights, dtype=np.float32)
-        bias = np.ascontiguousarray(self.bias, dtype=np.float32)
-        n_routes = weights.shape[1] if weights.ndim == 2 else -1
-        confidence = np.asarray(self.min_confidence, dtype=np.float32)
-        if confidence.shape == (0,):
-            confidence = np.zeros(max(n_routes, 0), dtype=np.float32)
-        if weights.ndim != 2 or bias.shape != (n_routes,) or confidence.shape != (n_routes,):
-            raise ValueError(
-                f"head: weights (D, R), bias (R,) and min_confidence (R,) expected, got "
-                f"{weights.shape}, {bias.shape}, {confidence.shape}"
-            )
-        if not (self.temperature > 0 and np.isfinite(self.temperature)):
-            raise ValueError("head: temperature must be > 0")
-        if not (self.blend >= 0 and np.isfinite(self.blend)):
-            raise ValueError("head: blend must be >= 0")
-        if self.lexical is not None and self.lexical.n_routes != n_routes:
-            raise ValueError(
-                f"head: the lexical view has {self.lexical.n_routes} routes, not {n_routes}"
-            )
-        object.__setattr__(self, "weights", _frozen(weights))
-        object.__setattr__(self, "bias", _frozen(bias))
-        object.__setattr__(self, "min_confidence", _frozen(np.ascontiguousarray(confidence)))
 
 
 @dataclass(frozen=True, eq=False)
@@ -179,10 +147,10 @@ class RouteTable:
                 f"got {self.head.weights.shape}"
             )
         starts = np.searchsorted(route_of, np.arange(n_routes)).astype(np.intp)
-        object.__setattr__(self, "thresholds", _frozen(thresholds))
-        object.__setattr__(self, "utterance_route", _frozen(route_of))
-        object.__setattr__(self, "utterance_embeddings", _frozen(embeddings))
-        object.__setattr__(self, "route_starts", _frozen(starts))
+        object.__setattr__(self, "thresholds", frozen_array(thresholds))
+        object.__setattr__(self, "utterance_route", frozen_array(route_of))
+        object.__setattr__(self, "utterance_embeddings", frozen_array(embeddings))
+        object.__setattr__(self, "route_starts", frozen_array(starts))
 
     @property
     def dim(self) -> int:
@@ -290,18 +258,19 @@ class ScoreMatrix:
     scores: np.ndarray  # (B, R) the method's route scores (head: calibrated probabilities)
     nearest: np.ndarray  # (B, R) each route's nearest-utterance cosine
     passing: np.ndarray  # (B, R) bool, the route passes every test of the method
+    energy: np.ndarray | None = None  # (B,) head: logsumexp of the calibrated scores
 
 
-def head_probabilities(
+def head_scores(
     head: HeadParams,
     queries: np.ndarray,
     nearest: np.ndarray,
     texts: Sequence[str] | None = None,
 ) -> np.ndarray:
-    """``softmax((head_log_proba + blend * nearest) / temperature)``, float32."""
+    """The calibrated scores ``(head_log_proba + blend * nearest) / temperature``, float32."""
     log_p = head_log_proba(head.weights, head.bias, head.lexical, queries, texts)
-    z = (log_p + np.float32(head.blend) * nearest) / np.float32(head.temperature)
-    return softmax(z).astype(np.float32, copy=False)
+    out: np.ndarray = (log_p + np.float32(head.blend) * nearest) / np.float32(head.temperature)
+    return out
 
 
 def score_matrix(
@@ -312,17 +281,22 @@ def score_matrix(
     q = _queries(table, queries)
     sims: np.ndarray = q @ table.utterance_embeddings.T
     nearest = _aggregate_max(table, sims)
+    energy = None
     if table.method == "head":
         head = table.head
         assert head is not None
-        scores = head_probabilities(head, q, nearest, texts)
+        z = head_scores(head, q, nearest, texts)
+        scores = softmax(z).astype(np.float32, copy=False)
         passing = (scores >= head.min_confidence[None, :]) & (nearest >= table.thresholds[None, :])
         if head.min_margin is not None:
             passing &= margins(scores) >= np.float32(head.min_margin)
+        if head.min_energy is not None:
+            energy = logsumexp(z)
+            passing &= (energy >= np.float32(head.min_energy))[:, None]
     else:
         scores = nearest if table.method == "max" else METHODS[table.method](table, sims)
         passing = scores >= table.thresholds[None, :]
-    return ScoreMatrix(sims=sims, scores=scores, nearest=nearest, passing=passing)
+    return ScoreMatrix(sims=sims, scores=scores, nearest=nearest, passing=passing, energy=energy)
 
 
 def choose(
@@ -363,22 +337,11 @@ def fallback_reasons(
             FALLBACK_REASONS.index("low_margin"),
         ),
     )
+    if m.energy is not None and head.min_energy is not None:
+        low_energy = (m.energy < np.float32(head.min_energy)) & ~low_similarity
+        code = np.where(low_energy, FALLBACK_REASONS.index("low_energy"), code)
     reason[fallback] = code[fallback]
     return reason
-
-
-def _runner_up(scores: np.ndarray, best: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The highest-scoring route other than ``best`` and its score (-1 and NaN: none)."""
-    n_rows, n_routes = scores.shape
-    rows = np.arange(n_rows)
-    others = scores.copy()
-    others[rows, best] = -np.inf
-    runner_up = others.argmax(axis=1).astype(np.intp) if n_routes > 1 else np.full(n_rows, -1)
-    runner_up_score = others[rows, runner_up] if n_routes > 1 else np.full(n_rows, -np.inf)
-    has_runner_up = np.isfinite(runner_up_score)
-    runner_up = np.where(has_runner_up, runner_up, -1).astype(np.intp)
-    runner_up_score = np.where(has_runner_up, runner_up_score, np.nan).astype(np.float32)
-    return runner_up, runner_up_score
 
 
 def decide(table: RouteTable, queries: np.ndarray, texts: Sequence[str] | None = None) -> Decisions:
@@ -391,7 +354,7 @@ def decide(table: RouteTable, queries: np.ndarray, texts: Sequence[str] | None =
     route, best = choose(scores, table.thresholds, m.passing)
     score = scores[rows, best]
 
-    runner_up, runner_up_score = _runner_up(scores, best)
+    second, runner_up_score = runner_up(scores, best)
 
     own = np.where(table.utterance_route[None, :] == best[:, None], sims, -np.inf)
     nearest = own.argmax(axis=1).astype(np.intp)
@@ -414,7 +377,7 @@ def decide(table: RouteTable, queries: np.ndarray, texts: Sequence[str] | None =
         best=best,
         score=score.astype(np.float32),
         threshold=threshold.astype(np.float32),
-        runner_up=runner_up,
+        runner_up=second,
         runner_up_score=runner_up_score,
         margin=(score - runner_up_score).astype(np.float32),
         nearest_utterance=nearest,

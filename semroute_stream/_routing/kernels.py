@@ -23,8 +23,10 @@ __all__ = [
     "finite_softmax",
     "head_log_proba",
     "log_softmax",
+    "logsumexp",
     "margins",
     "max_by_route",
+    "runner_up",
     "softmax",
     "top5_mean_by_route",
 ]
@@ -49,6 +51,17 @@ def softmax(z: np.ndarray) -> np.ndarray:
     """Row-wise softmax in ``z``'s dtype (scores must be finite)."""
     shifted = np.exp(z - z.max(axis=1, keepdims=True))
     out: np.ndarray = shifted / shifted.sum(axis=1, keepdims=True)
+    return out
+
+
+def logsumexp(z: np.ndarray) -> np.ndarray:
+    """Row-wise ``log(sum(exp(z)))`` in ``z``'s dtype (scores must be finite): the head's
+    energy score when ``z`` are its calibrated scores. A query like the utterances of some
+    route gets a high score from at least one route; one like none of them gets low scores
+    from all, whatever their softmax says (the negative free energy of Liu et al., 2020,
+    "Energy-based out-of-distribution detection")."""
+    top = z.max(axis=1, keepdims=True)
+    out: np.ndarray = (top + np.log(np.exp(z - top).sum(axis=1, keepdims=True)))[:, 0]
     return out
 
 
@@ -135,3 +148,17 @@ def margins(scores: np.ndarray) -> np.ndarray:
     other = np.where(scores >= top, runner, top)
     out: np.ndarray = scores - other
     return out
+
+
+def runner_up(scores: np.ndarray, best: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The highest-scoring route other than ``best`` and its score (-1 and NaN: none)."""
+    n_rows, n_routes = scores.shape
+    rows = np.arange(n_rows)
+    others = scores.copy()
+    others[rows, best] = -np.inf
+    second = others.argmax(axis=1).astype(np.intp) if n_routes > 1 else np.full(n_rows, -1)
+    runner_up_score = others[rows, second] if n_routes > 1 else np.full(n_rows, -np.inf)
+    has_runner_up = np.isfinite(runner_up_score)
+    second = np.where(has_runner_up, second, -1).astype(np.intp)
+    runner_up_score = np.where(has_runner_up, runner_up_score, np.nan).astype(np.float32)
+    return second, runner_up_score

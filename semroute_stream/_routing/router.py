@@ -140,6 +140,11 @@ class Resolution:
                         if settings.min_confidence is None
                         else settings.min_confidence
                     ),
+                    "min_energy": (
+                        self.choice.min_energy
+                        if settings.min_energy is None
+                        else settings.min_energy
+                    ),
                 },
                 deep=True,
             )
@@ -242,7 +247,13 @@ def resolve_routes(
 
     settings = routes.head
     derive = requested == "auto" or any(
-        value is None for value in (settings.blend, settings.temperature, settings.min_confidence)
+        value is None
+        for value in (
+            settings.blend,
+            settings.temperature,
+            settings.min_confidence,
+            settings.min_energy,
+        )
     )
     derive = derive or (
         routes.default_threshold is None and any(r.threshold is None for r in routes.routes)
@@ -293,7 +304,13 @@ def _head_params(routes: RoutesConfig, model: HeadModel, choice: MethodChoice | 
         min_confidence=per_route,
         min_margin=settings.min_margin,
         lexical=model.lexical,
+        min_energy=settings.min_energy if settings.min_energy is not None else _energy(choice),
     )
+
+
+def _energy(choice: MethodChoice | None) -> float | None:
+    """The cross-validation's energy floor, or None (no floor)."""
+    return choice.min_energy if choice is not None else None
 
 
 def train_route_head(

@@ -12,6 +12,9 @@ YAML or JSON with one schema (see ``config/routes.example.yaml``)::
       min_confidence: null      # fall back below this calibrated probability; null = from CV
       min_margin: null          # fall back when the lead over the runner-up (probability) is
                                 #   below this; null = no margin rule
+      min_energy: null          # fall back when the query's energy score (logsumexp of the
+                                #   calibrated scores) is below this: it looks like no route;
+                                #   null = from CV
       l2: 0.0001                # L2 regularisation of the head
       use_names: true           # each route's name is one more training example
       lexical: 0.25             # weight of the head's lexical view (TF-IDF of words and word
@@ -101,6 +104,8 @@ DECISION_METHODS: tuple[DecisionMethod, ...] = get_args(DecisionMethod)
 ROUTES_METHODS: tuple[RoutesMethod, ...] = get_args(RoutesMethod)
 DEFAULT_SIMILARITY_THRESHOLD = 0.5
 """The default threshold of ``max``/``top5_mean`` when the file sets none."""
+MAX_ENERGY = 1000.0
+"""``head.min_energy`` lies in ``[-MAX_ENERGY, MAX_ENERGY]`` (``-MAX_ENERGY``: no floor)."""
 
 
 def _reject_misspelt(data: dict[str, Any], known: set[str]) -> None:
@@ -188,6 +193,9 @@ class HeadConfig(BaseModel):
     temperature: float | None = Field(default=None, gt=0.0, le=1000.0, allow_inf_nan=False)
     min_confidence: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
     min_margin: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
+    min_energy: float | None = Field(
+        default=None, ge=-MAX_ENERGY, le=MAX_ENERGY, allow_inf_nan=False
+    )
     l2: float = Field(default=1e-4, gt=0.0, le=10.0, allow_inf_nan=False)
     use_names: bool = True
     lexical: float = Field(default=0.25, ge=0.0, le=10.0, allow_inf_nan=False)
