@@ -61,7 +61,9 @@ def test_fallback_curve_without_out_of_scope_rows_has_no_recall() -> None:
     assert curve["operating_point"]["precision"] == 0.0  # one fallback, and it is wrong
 
 
-def _table(method: str, shift: float, rng: np.random.Generator) -> RouteTable:
+def _table(
+    method: str, shift: float, rng: np.random.Generator, energy: float | None = None
+) -> RouteTable:
     """Four routes of three utterances; every cut moved by ``shift``."""
     dim, n_routes = 16, 4
     utts = rng.normal(size=(3 * n_routes, dim)).astype(np.float32)
@@ -74,6 +76,7 @@ def _table(method: str, shift: float, rng: np.random.Generator) -> RouteTable:
             blend=2.0,
             min_confidence=np.array([0.3, 0.4, 0.2, 0.5], np.float32) + shift,
             min_margin=0.05 + shift,
+            min_energy=None if energy is None else energy + shift,
         )
     return RouteTable(
         names=("a", "b", "c", "d"),
@@ -88,15 +91,18 @@ def _table(method: str, shift: float, rng: np.random.Generator) -> RouteTable:
     )
 
 
-@pytest.mark.parametrize("method", ["max", "top5_mean", "head"])
-def test_the_slack_is_the_decision_with_every_cut_moved(method: str) -> None:
-    """A query falls back under cuts moved by ``d`` exactly when its slack is below ``d``."""
+@pytest.mark.parametrize(
+    ("method", "energy"), [("max", None), ("top5_mean", None), ("head", None), ("head", 0.3)]
+)
+def test_the_slack_is_the_decision_with_every_cut_moved(method: str, energy: float | None) -> None:
+    """A query falls back under cuts moved by ``d`` exactly when its slack is below ``d``
+    (the head's energy floor moved with the other cuts)."""
     queries = np.random.default_rng(1).normal(size=(400, 16)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    table = _table(method, 0.0, np.random.default_rng(0))
+    table = _table(method, 0.0, np.random.default_rng(0), energy)
     slack = fallback_slack(table, score_matrix(table, queries))
     for shift in (-0.15, -0.05, 0.0, 0.03, 0.1, 0.25):
-        moved = _table(method, shift, np.random.default_rng(0))  # same weights and utterances
+        moved = _table(method, shift, np.random.default_rng(0), energy)  # same weights/utterances
         fallback = decide(moved, queries).is_fallback
         assert 0 < fallback.sum() < len(queries) or shift in (-0.15, 0.25)
         assert np.array_equal(slack < np.float32(shift), fallback), shift

@@ -29,8 +29,9 @@ def fallback_slack(table: RouteTable, m: ScoreMatrix) -> np.ndarray:
     Similarity methods: a route passes when ``score >= threshold``, so the slack is the best
     ``score - threshold``. Head: a route passes when its probability, its nearest-utterance
     cosine and (with ``min_margin``) its lead over the runner-up all reach their cuts, so the
-    slack is the best ``min(p - min_confidence, cosine - floor, lead - min_margin)``:
-    probabilities and cosines moved along one axis, a choice rather than a law."""
+    slack is the best ``min(p - min_confidence, cosine - floor, lead - min_margin)``, capped
+    by ``energy - min_energy`` when the head has an energy floor: probabilities, cosines and
+    energies moved along one axis, a choice rather than a law."""
     if table.method == "head":
         head = table.head
         assert head is not None
@@ -39,6 +40,8 @@ def fallback_slack(table: RouteTable, m: ScoreMatrix) -> np.ndarray:
         )
         if head.min_margin is not None:
             slack = np.minimum(slack, margins(m.scores) - np.float32(head.min_margin))
+        if head.min_energy is not None and m.energy is not None:
+            slack = np.minimum(slack, (m.energy - np.float32(head.min_energy))[:, None])
     else:
         slack = m.scores - table.thresholds[None, :]
     if slack.shape[0] == 0:
