@@ -1,0 +1,159 @@
+"""Learning from corrections on a real broker: the overlay changes routing, survives a restart,
+converges across replicas, and hostile corrections never corrupt it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from ops_helpers import wait_until
+from service_helpers import (
+    committed_offsets,
+    make_settings,
+    produce,
+    query_message,
+    read_topic,
+)
+
+from semroute_stream._routing.schema import routes_version
+from semroute_stream._service.app import open_service
+from semroute_stream._service.overlay import normalise
+from semroute_stream._service.pipeline import Pipeline
+from semroute_stream._service.settings import Settings
+
+pytestmark = pytest.mark.kafka
+
+GYM = "I want to cancel my gym membership"
+
+
+def _settings(tmp_path: Path, bootstrap: str, topic: str, **learning: Any) -> Settings:
+    return make_settings(
+        tmp_path,
+        bootstrap,
+        topic,
+        mode="route_only",
+        learning={
+            "enabled": True,
+            "retrain_debounce_s": 0.1,
+            "retrain_min_interval_s": 0,
+            **learning,
+        },
+    )
+
+
+def correction(text: str, label: str | None, ident: str) -> bytes:
+    return orjson.dumps({"id": ident, "text": text, "label": label})
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Pipeline]:
+    async with open_service(settings, serve_http=False) as pipeline:
+        task = asyncio.create_task(pipeline.run())
+        try:
+            yield pipeline
+        finally:
+            pipeline.request_stop()
+            await task
+
+
+def _overlay_version(pipeline: Pipeline) -> str:
+    assert pipeline.learner is not None
+    return pipeline.learner.overlay.version
+
+
+async def test_corrections_change_routing_and_bad_ones_are_dead_lettered(
+    kafka_bootstrap: str, new_topic: Any, tmp_path: Path
+) -> None:
+    topic = await new_topic(partitions=1)
+    settings = _settings(tmp_path, kafka_bootstrap, topic)
+    base = _base_v(settings)
+    good = [
+        correction(GYM, "billing", "c1"),
+        correction("how do I end my gym contract", "billing", "c2"),
+        correction("the app crashes when I open it", None, "c3"),  # a base utterance: removed
+    ]
+    hostile = [
+        (correction("book me a table", "restaurants", "h1"), "unknown_route"),
+        (correction("   ", "billing", "h2"), "empty_text"),
+        (b"{not json", "invalid_json"),
+        (orjson.dumps({"id": "h4", "text": "hi", "label": 7}), "invalid_label"),
+    ]
+    async with running(settings) as pipeline:
+        assert pipeline.router.version == base  # an empty overlay: the file's version
+        await produce(
+            kafka_bootstrap, settings.corrections_topic, [*good, *(v for v, _ in hostile)]
+        )
+        await wait_until(lambda: "+" in pipeline.router.version, timeout=90)
+        live = pipeline.router
+        assert live.version == f"{base}+{_overlay_version(pipeline)}"
+        billing = live.routes.routes[live.routes.names.index("billing")].utterances
+        assert GYM in billing
+        assert all(
+            normalise(u) != "the app crashes when i open it"
+            for r in live.routes.routes
+            for u in r.utterances
+        )
+        await produce(kafka_bootstrap, topic, [query_message(GYM, "q1")])
+        (out,) = await read_topic(kafka_bootstrap, f"{topic}.out", expect=1)
+        assert out["route"] == "billing"
+        assert out["decision"]["routes_version"] == live.version
+        expected = {0: len(good) + len(hostile)}
+
+        async def committed() -> bool:
+            group, name = settings.corrections_group, settings.corrections_topic
+            return await committed_offsets(kafka_bootstrap, group, name) == expected
+
+        await wait_until(committed, timeout=30)
+    dlq = await read_topic(kafka_bootstrap, f"{topic}.dlq", expect=len(hostile))
+    assert sorted(r["error"]["kind"] for r in dlq) == sorted(k for _, k in hostile)
+    assert all(r["source"]["topic"] == settings.corrections_topic for r in dlq)
+
+
+def _base(settings: Settings) -> Any:
+    from semroute_stream._routing.schema import load_routes
+
+    return load_routes(settings.routes)
+
+
+async def test_restart_keeps_the_overlay_and_two_replicas_converge(
+    kafka_bootstrap: str, new_topic: Any, tmp_path: Path
+) -> None:
+    topic = await new_topic(partitions=2)
+    corrections = await new_topic(partitions=2)
+    settings = _settings(tmp_path, kafka_bootstrap, topic, corrections_topic=corrections)
+    texts = [f"question number {i} about my gym membership fee" for i in range(20)]
+    labels = ["billing", "tech", "shipping", None]
+    values = [correction(t, labels[i % 4], f"c{i}") for i, t in enumerate(texts)]
+    # a flood of contradictory labels for one text, spread over both partitions
+    flood = [correction("flip flop text", labels[i % 2], f"f{i}") for i in range(30)]
+    async with running(settings) as a, running(settings) as b:
+        await produce(kafka_bootstrap, corrections, values[:10], partition=0)
+        await produce(kafka_bootstrap, corrections, values[10:], partition=1)
+        await produce(kafka_bootstrap, corrections, flood[:15], partition=0)
+        await produce(kafka_bootstrap, corrections, flood[15:], partition=1)
+        await wait_until(
+            lambda: (
+                _overlay_version(a) == _overlay_version(b)
+                and a.learner is not None
+                and len(a.learner.overlay.entries) == len(texts) + 1
+            ),
+            timeout=90,
+        )
+        await wait_until(lambda: a.router.version == b.router.version != _base_v(settings))
+        version = a.router.version
+        assert a.learner is not None
+        flip = a.learner.overlay.get("flip flop text")
+        assert flip is not None and flip.quarantined  # never in the routes
+        assert all("flip flop" not in u for r in a.router.routes.routes for u in r.utterances)
+    async with running(settings) as again:  # a restart: the overlay is read back before routing
+        assert again.router.version == version
+        assert again.learner is not None and again.learner.status.live == version.split("+")[1]
+
+
+def _base_v(settings: Settings) -> str:
+    return routes_version(_base(settings))
