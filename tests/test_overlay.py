@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
+import yaml
 from fakes import FakeEncoder
 from service_helpers import ROUTES, make_settings
 
@@ -17,7 +18,8 @@ from semroute_stream._routing.router import Router
 from semroute_stream._routing.schema import parse_routes, routes_version
 from semroute_stream._service.corrections import read_correction
 from semroute_stream._service.guard import judge
-from semroute_stream._service.learning import CachingEncoder, composed_version
+from semroute_stream._service.learning import CachingEncoder, Learner, composed_version
+from semroute_stream._service.observe import Metrics
 from semroute_stream._service.overlay import (
     EMPTY_VERSION,
     Entry,
@@ -30,6 +32,7 @@ from semroute_stream._service.overlay import (
     replay_versions,
 )
 from semroute_stream._service.records import Source
+from semroute_stream._service.reload import LiveRoutes
 
 BASE = parse_routes(ROUTES)
 LABELS = BASE.names
@@ -246,3 +249,54 @@ def test_the_guard_holds_back_an_update_that_routes_the_known_utterances_worse()
     assert verdict.new is not None and verdict.live is not None and verdict.new < verdict.live
     plain = Router(BASE, enc, cache=False)  # method max: no cross-validation, not guarded
     assert not judge(plain, worse, 0.02).hold_back
+
+
+# ---- the learner without a broker: swap, guard, reload --------------------------------------
+
+
+def _learner(tmp_path: Path, routes: Any) -> tuple[Learner, LiveRoutes]:
+    settings = make_settings(
+        tmp_path, "127.0.0.1:1", "in", mode="route_only", learning={"enabled": True}
+    )
+    settings.routes.write_text(yaml.safe_dump(routes.model_dump(mode="json")))
+    metrics = Metrics()
+    live = LiveRoutes(
+        settings, Router(routes, FakeEncoder(), cache=False), {}, llm=False, metrics=metrics
+    )
+    return Learner(settings, live, metrics), live
+
+
+def _put(learner: Learner, *entries: Entry) -> None:
+    for e in entries:
+        learner.overlay.apply(entry_key(e.text), e.to_bytes())
+
+
+async def test_a_retrain_swaps_in_and_a_file_reload_keeps_the_overlay(tmp_path: Path) -> None:
+    routes = _auto_routes()
+    learner, live = _learner(tmp_path, routes)
+    _put(learner, _entry("refund my invoice price", "billing"))
+    assert await learner.retrain()
+    overlay = learner.overlay.version
+    assert live.router.version == f"{routes_version(routes)}+{overlay}"
+    assert learner.status.live == overlay and learner.status.held_back is None
+    assert not await learner.retrain()  # nothing new
+    # the routes file changes: the reload merges the overlay read so far
+    changed = routes.model_copy(update={"top_k": 2})
+    live.settings.routes.write_text(yaml.safe_dump(changed.model_dump(mode="json")))
+    assert await live.reload()
+    assert live.router.version == f"{routes_version(changed)}+{overlay}"
+    assert "refund my invoice price" in live.router.routes.routes[0].utterances
+
+
+async def test_a_flood_of_wrong_labels_is_held_back_and_reported(tmp_path: Path) -> None:
+    learner, live = _learner(tmp_path, _auto_routes())
+    before = live.router
+    _put(learner, *(_entry(f"invoice refund charge {i}", "tech", 1000 + i) for i in range(40)))
+    assert not await learner.retrain()
+    assert live.router is before
+    assert learner.status.held_back is not None
+    assert learner.status.held_back.startswith(learner.overlay.version)
+    text = learner._metrics.render().decode()
+    assert 'semroute_overlay_retrains_total{result="held_back"} 1.0' in text
+    status, _, body = await learner.http_status()
+    assert status == 200 and orjson.loads(body)["held_back"] == learner.status.held_back

@@ -116,6 +116,7 @@ class Learner:
         self._changed = asyncio.Event()
         self._encoder = CachingEncoder(live.router.encoder)
         self._topic = TopicPartition(settings.overlay_topic, 0)
+        live.composer = self  # a routes file reload merges the overlay too
 
     # ---- composing the live router ---------------------------------------------------------
 
