@@ -18,9 +18,11 @@ from service_helpers import (
     produce,
     query_message,
     read_topic,
+    settings_yaml,
 )
 
-from semroute_stream._routing.schema import routes_version
+from semroute_stream._cli.app import main
+from semroute_stream._routing.schema import load_routes, routes_version
 from semroute_stream._service.app import open_service
 from semroute_stream._service.overlay import normalise
 from semroute_stream._service.pipeline import Pipeline
@@ -115,8 +117,6 @@ async def test_corrections_change_routing_and_bad_ones_are_dead_lettered(
 
 
 def _base(settings: Settings) -> Any:
-    from semroute_stream._routing.schema import load_routes
-
     return load_routes(settings.routes)
 
 
@@ -157,3 +157,63 @@ async def test_restart_keeps_the_overlay_and_two_replicas_converge(
 
 def _base_v(settings: Settings) -> str:
     return routes_version(_base(settings))
+
+
+async def test_overlay_show_export_rollback(
+    kafka_bootstrap: str,
+    new_topic: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    topic = await new_topic(partitions=1)
+    settings = _settings(tmp_path, kafka_bootstrap, topic)
+    config = settings_yaml(settings, tmp_path / "service.yaml")
+
+    def cli(*args: str) -> Any:
+        capsys.readouterr()
+        assert main(["overlay", *args, "--config", str(config)]) == 0
+        return orjson.loads(capsys.readouterr().out)
+
+    async with running(settings) as pipeline:
+        await produce(
+            kafka_bootstrap, settings.corrections_topic, [correction(GYM, "billing", "c1")]
+        )
+        await wait_until(lambda: "+" in pipeline.router.version, timeout=60)
+        first = _overlay_version(pipeline)
+        await produce(
+            kafka_bootstrap,
+            settings.corrections_topic,
+            [correction("my screen stays black", "tech", "c2"), correction(GYM, None, "c3")],
+        )
+        await wait_until(lambda: _overlay_version(pipeline) not in (first,), timeout=60)
+        await wait_until(lambda: pipeline.router.version.endswith(_overlay_version(pipeline)))
+        second = _overlay_version(pipeline)
+
+        shown = await asyncio.to_thread(cli, "show")
+        assert shown["version"] == second and shown["entries"] == 2
+        assert shown["counts"] == {"null": 1, "tech": 1}
+        assert shown["routes_version"] == pipeline.router.version
+        assert shown["versions"][0]["version"] == "0" * 12
+        assert first in [v["version"] for v in shown["versions"]]
+
+        out = tmp_path / "exported.yaml"
+        exported = await asyncio.to_thread(cli, "export", "-o", str(out))
+        routes = load_routes(out)  # what fit and eval load
+        assert exported["exported_routes_version"] == routes_version(routes)
+        tech = routes.routes[routes.names.index("tech")].utterances
+        assert "my screen stays black" in tech
+        assert all(GYM not in r.utterances for r in routes.routes)
+
+        back = await asyncio.to_thread(cli, "rollback", first)
+        assert (back["from"], back["to"]) == (second, first)
+        # the running replica converges on the old content and retrains
+        await wait_until(lambda: pipeline.router.version.endswith("+" + first), timeout=60)
+        billing = pipeline.router.routes.routes[pipeline.router.routes.names.index("billing")]
+        assert GYM in billing.utterances
+    assert (await asyncio.to_thread(cli, "show"))["version"] == first
+    with pytest.raises(SystemExit):
+        main(["overlay", "rollback", "--config", str(config)])  # no version given
+    capsys.readouterr()
+    args = ["overlay", "rollback", "feedbeeffeed", "--config", str(config)]
+    assert await asyncio.to_thread(main, args) == 1
+    assert "not found in the topic" in capsys.readouterr().err
