@@ -132,7 +132,14 @@ class Timings:
 
         during = [(e - s) * 1000 for s, e in self.batches if overlaps((s, e))]
         without = [(e - s) * 1000 for s, e in self.batches if not overlaps((s, e))]
+
+        def since_retrain(s: float) -> str:
+            starts = [r[0] for r in self.retrains if r[0] <= s]
+            return f"retrain {len(starts)} +{s - starts[-1]:.1f}s" if starts else "-"
+
+        slowest = sorted(self.batches, key=lambda b: b[0] - b[1])[:8]
         return {
+            "slowest": [(round((e - s) * 1000), since_retrain(s)) for s, e in slowest],
             "while_retraining": percentiles(during),
             "without_retraining": percentiles(without),
             "retrain_s": percentiles([(e - s) for s, e in self.retrains]),

@@ -147,6 +147,8 @@ MEANINGS: dict[str, str] = {
     "learning.retrain_debounce_s": "wait this long after an overlay change before retraining",
     "learning.retrain_min_interval_s": "at least this long between two retrains",
     "learning.guard_tolerance": "hold back a retrain whose CV accuracy drops more than this",
+    "learning.retrain_process": "train in a separate process (the routing loop keeps the GIL)",
+    "learning.retrain_nice": "the training process's nice level (it yields the CPU to routing)",
     "learning.flip_limit": "label flips of one text within the window before it is quarantined",
     "learning.flip_window_s": "the flip-counting window",
 }

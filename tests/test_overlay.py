@@ -254,10 +254,9 @@ def test_the_guard_holds_back_an_update_that_routes_the_known_utterances_worse()
 # ---- the learner without a broker: swap, guard, reload --------------------------------------
 
 
-def _learner(tmp_path: Path, routes: Any) -> tuple[Learner, LiveRoutes]:
-    settings = make_settings(
-        tmp_path, "127.0.0.1:1", "in", mode="route_only", learning={"enabled": True}
-    )
+def _learner(tmp_path: Path, routes: Any, *, process: bool = False) -> tuple[Learner, LiveRoutes]:
+    learning = {"enabled": True, "retrain_process": process}
+    settings = make_settings(tmp_path, "127.0.0.1:1", "in", mode="route_only", learning=learning)
     settings.routes.write_text(yaml.safe_dump(routes.model_dump(mode="json")))
     metrics = Metrics()
     live = LiveRoutes(
@@ -273,9 +272,12 @@ def _put(learner: Learner, *entries: Entry) -> None:
 
 async def test_a_retrain_swaps_in_and_a_file_reload_keeps_the_overlay(tmp_path: Path) -> None:
     routes = _auto_routes()
-    learner, live = _learner(tmp_path, routes)
+    learner, live = _learner(tmp_path, routes, process=True)
     _put(learner, _entry("refund my invoice price", "billing"))
-    assert await learner.retrain()
+    try:  # trained in the training process
+        assert await learner.retrain()
+    finally:
+        learner.close()
     overlay = learner.overlay.version
     assert live.router.version == f"{routes_version(routes)}+{overlay}"
     assert learner.status.live == overlay and learner.status.held_back is None
@@ -300,3 +302,14 @@ async def test_a_flood_of_wrong_labels_is_held_back_and_reported(tmp_path: Path)
     assert 'semroute_overlay_retrains_total{result="held_back"} 1.0' in text
     status, _, body = await learner.http_status()
     assert status == 200 and orjson.loads(body)["held_back"] == learner.status.held_back
+
+
+def test_the_caching_encoder_starts_with_the_live_routes_embeddings() -> None:
+    inner = FakeEncoder()
+    router = Router(_auto_routes(), inner, cache=False)
+    enc = CachingEncoder(inner)
+    enc.seed(router)
+    calls = len(inner.calls)
+    texts = [u for r in router.routes.routes for u in r.utterances]
+    enc.encode([*texts, "a new text"])
+    assert inner.calls[calls:] == [1]

@@ -17,9 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +30,14 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from .._routing.router import Router, TextEncoder
+from .._routing.router import (
+    Resolution,
+    Router,
+    TextEncoder,
+    head_texts,
+    resolve_routes,
+    utterances_of,
+)
 from .._routing.schema import RoutesConfig, routes_version
 from .guard import judge
 from .kafka import connection_kwargs
@@ -59,6 +69,19 @@ def make_overlay_reader(settings: Settings) -> AIOKafkaConsumer:
     )
 
 
+def _train(*args: Any, **kwargs: Any) -> Resolution:
+    """``resolve_routes`` in the training process, with one BLAS thread."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        return resolve_routes(*args, **kwargs)
+
+
+def _warm_up() -> int:
+    """Imports this module (and numpy) in the training process, ahead of the first retrain."""
+    return os.getpid()
+
+
 class CachingEncoder:
     """An encoder that remembers the utterances' embeddings between retrains (thread-safe)."""
 
@@ -74,6 +97,16 @@ class CachingEncoder:
     @property
     def dim(self) -> int:
         return self.encoder.dim
+
+    def seed(self, router: Router) -> None:
+        """Remember the embeddings ``router`` already has (its utterances and route names)."""
+        texts = utterances_of(router.routes)
+        pairs = list(zip(texts, router.utterance_embeddings, strict=True))
+        if router.name_embeddings is not None:
+            names = head_texts(router.routes)
+            pairs += list(zip(names, router.name_embeddings, strict=True))
+        with self._lock:
+            self._cache.update(pairs)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         with self._lock:
@@ -115,7 +148,9 @@ class Learner:
         self._metrics = metrics
         self._changed = asyncio.Event()
         self._encoder = CachingEncoder(live.router.encoder)
+        self._encoder.seed(live.router)  # the first retrain encodes only the new texts
         self._topic = TopicPartition(settings.overlay_topic, 0)
+        self._trainer: ProcessPoolExecutor | None = None
         live.composer = self  # a routes file reload merges the overlay too
 
     # ---- composing the live router ---------------------------------------------------------
@@ -135,10 +170,38 @@ class Learner:
         if overlay_version == EMPTY_VERSION:
             router = Router(routes, encoder)
         else:  # heads of overlay versions are not cached on disk: there would be one per version
-            router = Router(routes, self._encoder, cache=False)
+            resolve = self._resolve if self.settings.learning.retrain_process else resolve_routes
+            router = Router(routes, self._encoder, cache=False, resolve=resolve)
             router.encoder = encoder
         router.version = composed_version(base, overlay_version)
         return router
+
+    def _resolve(self, *args: Any, **kwargs: Any) -> Resolution:
+        """``resolve_routes`` (training, cross-validation) in the training process: its CPU
+        time never holds this process's GIL, and its lower priority yields to the routing."""
+        return self._training_process().submit(_train, *args, **kwargs).result()
+
+    def _training_process(self) -> ProcessPoolExecutor:
+        """The training process, started at its nice level before it imports anything."""
+        if self._trainer is None:
+            self._trainer = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=os.nice,
+                initargs=(self.settings.learning.retrain_nice,),
+            )
+            self._trainer.submit(_warm_up)
+        return self._trainer
+
+    def close(self) -> None:
+        """Stop the training process (a retrain in it is abandoned)."""
+        trainer, self._trainer = self._trainer, None
+        if trainer is None:
+            return
+        processes = getattr(trainer, "_processes", None) or {}
+        for process in list(processes.values()):
+            process.terminate()
+        trainer.shutdown(wait=True, cancel_futures=True)
 
     # ---- reading the overlay topic ---------------------------------------------------------
 
@@ -229,6 +292,8 @@ class Learner:
 
     async def start_live(self) -> None:
         """At start-up, before the first batch: the routes file plus the overlay go live."""
+        if self.settings.learning.retrain_process:
+            self._training_process()  # started (and warmed up) now, not in the first retrain
         version, build = self.prepare(self.live.base, self.live.router)
         if version != self.live.router.version:
             router = await asyncio.to_thread(build)
@@ -262,6 +327,7 @@ class Learner:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await asyncio.to_thread(self.close)
 
 
 def _report_death(task: asyncio.Task[None]) -> None:

@@ -253,6 +253,9 @@ class LearningConfig(_Section):
     retrain_debounce_s: float = Field(default=1.0, ge=0)
     retrain_min_interval_s: float = Field(default=5.0, ge=0)
     guard_tolerance: float = Field(default=0.02, ge=0, le=1)
+    #: train in a separate process (no GIL shared with the routing loop), at this nice level
+    retrain_process: bool = True
+    retrain_nice: int = Field(default=10, ge=0, le=19)
     flip_limit: int = Field(default=3, ge=1)
     flip_window_s: float = Field(default=3600.0, gt=0)
 
