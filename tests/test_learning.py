@@ -22,11 +22,14 @@ from service_helpers import (
 )
 
 from semroute_stream._cli.app import main
+from semroute_stream._errors import ConfigError
 from semroute_stream._routing.schema import load_routes, routes_version
 from semroute_stream._service.app import open_service
+from semroute_stream._service.kafka import topic_partitions
 from semroute_stream._service.overlay import normalise
 from semroute_stream._service.pipeline import Pipeline
 from semroute_stream._service.settings import Settings
+from semroute_stream._service.topics import ensure_learning_topics
 
 pytestmark = pytest.mark.kafka
 
@@ -217,3 +220,30 @@ async def test_overlay_show_export_rollback(
     args = ["overlay", "rollback", "feedbeeffeed", "--config", str(config)]
     assert await asyncio.to_thread(main, args) == 1
     assert "not found in the topic" in capsys.readouterr().err
+
+
+async def test_topics_create_makes_a_compacted_overlay_and_a_wrong_one_fails_fast(
+    kafka_bootstrap: str,
+    new_topic: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    topic = await new_topic(partitions=2)
+    settings = _settings(tmp_path, kafka_bootstrap, topic)
+    config = settings_yaml(settings, tmp_path / "service.yaml")
+    args = ["topics", "create", "--config", str(config), "--partitions", "2"]
+    assert await asyncio.to_thread(main, args) == 0
+    out = capsys.readouterr().out
+    assert f"created                  {settings.overlay_topic} (overlay" in out
+    overlay, corrections = settings.overlay_topic, settings.corrections_topic
+    parts = await topic_partitions(settings, [overlay, corrections])
+    assert (len(parts[overlay]), len(parts[corrections])) == (1, 2)
+    await ensure_learning_topics(settings)  # compacted, one partition: accepted
+    plain = await new_topic(partitions=1)  # cleanup.policy=delete
+    wrong = _settings(tmp_path, kafka_bootstrap, topic, overlay_topic=plain)
+    with pytest.raises(ConfigError, match=r"cleanup.policy=delete, needs compact"):
+        await ensure_learning_topics(wrong)
+    two = await new_topic(partitions=2, config={"cleanup.policy": "compact"})
+    wrong = _settings(tmp_path, kafka_bootstrap, topic, overlay_topic=two)
+    with pytest.raises(ConfigError, match=r"has 2 partitions, needs 1"):
+        await ensure_learning_topics(wrong)

@@ -291,15 +291,14 @@ class Learner:
         return True
 
     async def start_live(self) -> None:
-        """At start-up, before the first batch: the routes file plus the overlay go live."""
+        """At start-up, before the first batch: the routes file plus the overlay go live,
+        judged by the guard against the routes file alone (an overlay held back on a replica
+        that ran before is held back here too)."""
         if self.settings.learning.retrain_process:
             self._training_process()  # started (and warmed up) now, not in the first retrain
-        version, build = self.prepare(self.live.base, self.live.router)
-        if version != self.live.router.version:
-            router = await asyncio.to_thread(build)
-            await self.live.install(router, self.live.base)
-        self.status.live = self.status.read = self.overlay.version
+        self.status.read = self.overlay.version
         self.status.entries = len(self.overlay.entries)
+        await self.retrain()
         self._metrics.overlay.info({"read": self.overlay.version, "live": self.status.live})
 
     async def http_status(self) -> tuple[int, str, bytes]:
