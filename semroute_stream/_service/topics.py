@@ -141,7 +141,9 @@ async def ensure_learning_topics(settings: Settings) -> None:
     if missing:
         partitions = len(found.get(settings.input.topic, ())) or 1
         await create_topics(settings, missing, partitions)
-    if overlay in found and len(found[overlay]) != 1:
+    if overlay not in found:
+        return  # just created so (a broker may not describe a new topic's configs yet)
+    if len(found[overlay]) != 1:
         raise ConfigError(
             f"learning.overlay_topic {overlay!r} has {len(found[overlay])} partitions, needs 1"
         )
