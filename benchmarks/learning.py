@@ -48,9 +48,12 @@ from semroute_stream._service.settings import Settings
 BANKING = DATASETS / "banking77"
 
 
-def split() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(corrections, test): per label, the first half of its rows and the rest."""
+def split(how: str = "label") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(corrections, test): per label, the first half of its rows and the rest; ``file``: the
+    file's first half and its second half."""
     rows = [json.loads(line) for line in (BANKING / "dev.jsonl").read_text().splitlines() if line]
+    if how == "file":
+        return rows[: len(rows) // 2], rows[len(rows) // 2 :]
     by_label: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         by_label[row["label"]].append(row)
@@ -301,9 +304,15 @@ def main() -> int:
     parser.add_argument("--chunk", type=int, default=100, help="corrections per step (100)")
     parser.add_argument("--batch", type=int, default=32, help="batching.max_size (32)")
     parser.add_argument("--rate", type=float, default=250.0, help="test queries per second (250)")
+    parser.add_argument(
+        "--split",
+        choices=["label", "file"],
+        default="label",
+        help="corrections: the first half of each label's rows (default), or of the file",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args()
-    corrections, test = split()
+    corrections, test = split(args.split)
     load_before = os.getloadavg()
     encoder = Encoder()
     log(f"{len(corrections)} corrections, {len(test)} test queries; offline reference first")
@@ -312,7 +321,8 @@ def main() -> int:
     with kafka_bootstrap(args.bootstrap) as (bootstrap, how):
         figures = asyncio.run(stream(bootstrap, args, corrections, test))
     result = {
-        "dataset": "banking77 dev, split per label (first half of each label's rows: corrections)",
+        "dataset": "banking77 dev",
+        "split": args.split,
         "corrections": len(corrections),
         "test_queries": len(test),
         "broker": how,

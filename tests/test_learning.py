@@ -247,3 +247,26 @@ async def test_topics_create_makes_a_compacted_overlay_and_a_wrong_one_fails_fas
     wrong = _settings(tmp_path, kafka_bootstrap, topic, overlay_topic=two)
     with pytest.raises(ConfigError, match=r"has 2 partitions, needs 1"):
         await ensure_learning_topics(wrong)
+
+
+async def test_a_restart_mid_stream_keeps_the_overlay_and_loses_no_correction(
+    kafka_bootstrap: str, new_topic: Any, tmp_path: Path
+) -> None:
+    topic = await new_topic(partitions=1)
+    settings = _settings(tmp_path, kafka_bootstrap, topic, retrain_min_interval_s=0.5)
+    values = [correction(f"gym fee question {i}", "billing", f"c{i}") for i in range(60)]
+    await produce(kafka_bootstrap, settings.corrections_topic, values[:30])
+    async with running(settings) as first:
+        assert first.learner is not None
+        learner = first.learner
+        await wait_until(lambda: len(learner.overlay.entries) >= 10, timeout=60)
+        await produce(kafka_bootstrap, settings.corrections_topic, values[30:])
+        # stopped mid-stream: some corrections may be read but not committed
+    async with running(settings) as second:
+        assert second.learner is not None
+        again = second.learner
+        assert len(again.overlay.entries) >= 10  # read back before the first batch
+        await wait_until(lambda: len(again.overlay.entries) == 60, timeout=60)
+        await wait_until(lambda: second.router.version.endswith("+" + again.overlay.version))
+        billing = second.router.routes.routes[second.router.routes.names.index("billing")]
+        assert {f"gym fee question {i}" for i in range(60)} <= set(billing.utterances)
