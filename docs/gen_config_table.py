@@ -139,6 +139,18 @@ MEANINGS: dict[str, str] = {
     "tracing.enabled": "OpenTelemetry spans (`pip install 'semroute-stream[otel]'`)",
     "tracing.exporter": "`otlp` (`OTEL_EXPORTER_OTLP_*`), `console`, or `global`",
     "tracing.service_name": "the spans' service name",
+    "learning.enabled": "corrections retrain the head in-stream ([learning](learning.md))",
+    "learning.corrections_topic": "corrections topic (null: `<input.topic>.corrections`)",
+    "learning.overlay_topic": "overlay topic, compacted, 1 partition (`<input.topic>.overlay`)",
+    "learning.group_id": "group reading the corrections (null: `<input.group_id>.corrections`)",
+    "learning.max_text_chars": "a longer correction text is dead-lettered (`oversized`)",
+    "learning.retrain_debounce_s": "wait this long after an overlay change before retraining",
+    "learning.retrain_min_interval_s": "at least this long between two retrains",
+    "learning.guard_tolerance": "hold back a retrain whose CV accuracy drops more than this",
+    "learning.retrain_process": "train in a separate process (the routing loop keeps the GIL)",
+    "learning.retrain_nice": "the training process's nice level (it yields the CPU to routing)",
+    "learning.flip_limit": "label flips of one text within the window before it is quarantined",
+    "learning.flip_window_s": "the flip-counting window",
 }
 
 #: Sections rendered as one row each (their own options are listed in the row).

@@ -54,6 +54,8 @@ INPUT_ERROR_KINDS = (
     "too_many_headers",
     "oversized_headers",
     "undecodable_header_key",
+    "unknown_route",  # a correction's label is no route of the routes in use
+    "invalid_label",  # a correction's label is not a string or null
 )
 #: ``LLMError.kind`` values (stage ``llm``).
 LLM_ERROR_KINDS = ("llm_rejected", "llm_retries_exhausted", "llm_circuit_open", "llm_misconfigured")

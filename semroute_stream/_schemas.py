@@ -76,7 +76,7 @@ def _decision() -> dict[str, Any]:
             "top": {"type": "array", "items": _obj(_SCORED["properties"], {"similarity": _NUM})},
             "fallback_reason": _either({"enum": _REASONS}, _NULL),
             "model": _STR,
-            "routes_version": {**_STR, "pattern": "^[0-9a-f]{12}$"},
+            "routes_version": {**_STR, "pattern": "^[0-9a-f]{12}(\\+[0-9a-f]{12})?$"},
         },
         {"similarity": _NUM, "min_similarity": _NUM, "auto": {"const": True}},
     )

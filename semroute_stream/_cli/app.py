@@ -28,7 +28,7 @@ from .offline import (
     cmd_route,
     cmd_schema,
 )
-from .serve import cmd_check, cmd_publish, cmd_replay, cmd_run, cmd_topics_create
+from .serve import cmd_check, cmd_overlay, cmd_publish, cmd_replay, cmd_run, cmd_topics_create
 
 __all__ = ["LOG_LEVELS", "build_parser", "main"]
 
@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_replay(sub)
     _add_check(sub)
     _add_topics(sub)
+    _add_overlay(sub)
     _add_publish(sub)
     _add_embed(sub, common)
     _add_eval(sub, common, methods)
@@ -175,6 +176,26 @@ def _add_topics(sub: Any) -> None:
         help="default: 3, or the number of brokers when there are fewer",
     )
     c.set_defaults(func=cmd_topics_create)
+
+
+def _add_overlay(sub: Any) -> None:
+    p = sub.add_parser(
+        "overlay",
+        help="show, export or roll back the overlay of learned corrections",
+        description="The overlay of corrections (learning.overlay_topic, docs/learning.md): "
+        "show its version and entries, export the routes file plus the overlay as a routes "
+        "file (for fit and eval), or roll it back to an earlier version.",
+    )
+    actions = p.add_subparsers(dest="overlay_command", required=True, metavar="ACTION")
+    show = actions.add_parser("show", help="version, entries per label, latest entries")
+    show.add_argument("--recent", type=_positive, default=10, help="latest entries (10)")
+    export = actions.add_parser("export", help="write the routes file plus the overlay")
+    export.add_argument("--output", "-o", required=True, help="routes file to write")
+    back = actions.add_parser("rollback", help="return the overlay to an earlier version")
+    back.add_argument("version", help="a version listed by overlay show ('empty': none)")
+    for action in (show, export, back):
+        action.add_argument("--config", required=True, help="service config (YAML)")
+        action.set_defaults(func=cmd_overlay)
 
 
 def _add_publish(sub: Any) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import orjson
 
@@ -108,4 +109,22 @@ def cmd_publish(args: argparse.Namespace) -> int:
     if error is not None:
         print(f"error: {len(messages) - acked} not acknowledged: {error}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_overlay(args: argparse.Namespace) -> int:
+    """``overlay show|export|rollback``: print the result as JSON."""
+    import asyncio
+
+    from .._service import overlay_admin
+    from .._service.settings import load_settings
+
+    settings = load_settings(args.config)
+    if args.overlay_command == "show":
+        result = asyncio.run(overlay_admin.show_overlay(settings, recent=args.recent))
+    elif args.overlay_command == "export":
+        result = asyncio.run(overlay_admin.export_overlay(settings, Path(args.output)))
+    else:
+        result = asyncio.run(overlay_admin.rollback_overlay(settings, args.version))
+    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
     return 0

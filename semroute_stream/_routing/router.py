@@ -381,7 +381,10 @@ class Router:
         *,
         cache_dir: Path | None = None,
         cache: bool = True,
+        resolve: Callable[..., Resolution] = resolve_routes,
     ) -> None:
+        """``resolve``: what compiles the routes (``resolve_routes``, or a stand-in that runs
+        it elsewhere, e.g. in another process)."""
         self.routes = routes
         self.encoder = encoder
         texts = utterances_of(routes)
@@ -392,7 +395,7 @@ class Router:
         directory = (cache_dir or default_head_cache_dir()) if cache else None
         self.cache_dir = directory
         self.name_embeddings = name_embeddings
-        self.resolution = resolve_routes(
+        self.resolution = resolve(
             routes,
             self.utterance_embeddings,
             name_embeddings,

@@ -22,6 +22,7 @@ from threadpoolctl import threadpool_limits
 from .._encoder import Encoder
 from .._routing.router import Router
 from .._routing.schema import load_routes
+from .corrections import CorrectionsIntake
 from .delivery import (
     CLIENT_STOP_S,
     AtLeastOnceOutbox,
@@ -31,11 +32,17 @@ from .delivery import (
     producer_send,
 )
 from .kafka import make_consumer, make_producer, make_transactional_producer
+from .learning import Learner, make_overlay_reader
 from .llm import LLMPool, resolve_api_keys
 from .observe import HttpServer, Observer, RunStats
 from .pipeline import Pipeline
 from .settings import Settings
-from .topics import check_topic_names, ensure_output_topics, output_topics
+from .topics import (
+    check_topic_names,
+    ensure_learning_topics,
+    ensure_output_topics,
+    output_topics,
+)
 from .tracing import make_tracer
 from .transactions import PartitionState, PartitionTransactions
 from .worker import Worker, route_targets
@@ -130,6 +137,9 @@ async def open_service(
         settings, router, consumer, outbox, worker, targets=targets, observer=observer
     )
     obs = settings.observability
+    learning = settings.learning.enabled and sink is None and group_id is None  # not in replay
+    if learning:
+        await ensure_learning_topics(settings)
     async with contextlib.AsyncExitStack() as stack:
         # The decision's small matmuls run on the event loop: multi-threaded BLAS makes them
         # 5-30x slower under load and its spinning threads take CPU from the encoder.
@@ -142,8 +152,12 @@ async def open_service(
         stack.callback(observer.tracer.shutdown)
         if llm is not None:
             stack.push_async_callback(llm.aclose)
+        learner = await _start_learning(settings, pipeline, stack) if learning else None
         if serve_http and obs.metrics_port is not None:
-            server = HttpServer(obs.host, obs.metrics_port, pipeline.health.handlers())
+            handlers = pipeline.health.handlers()
+            if learner is not None:
+                handlers["/learning"] = learner.http_status
+            server = HttpServer(obs.host, obs.metrics_port, handlers)
             await server.start()
             stack.push_async_callback(server.stop)
             pipeline.health.http = server
@@ -155,6 +169,37 @@ async def open_service(
                 _stop_within, outbox.transactions.close, "transactional producers"
             )
         yield pipeline
+
+
+async def _start_learning(
+    settings: Settings, pipeline: Pipeline, stack: contextlib.AsyncExitStack
+) -> Learner:
+    """Read the overlay, put the routes file plus the overlay live, then tail the overlay,
+    retrain in the background and consume the corrections while the service is open."""
+    live = pipeline.routes
+    learner = Learner(settings, live, pipeline.metrics)
+    reader = make_overlay_reader(settings)
+    stack.push_async_callback(_stop_within, reader.stop, "overlay reader")
+    await reader.start()
+    await learner.load(reader)
+    await learner.start_live()
+    consumer = make_consumer(settings, group_id=settings.corrections_group)
+    stack.push_async_callback(_stop_within, consumer.stop, "corrections consumer")
+    producer = make_producer(settings)
+    stack.push_async_callback(_stop_within, producer.stop, "corrections producer")
+    await producer.start()
+    await consumer.start()
+    intake = CorrectionsIntake(
+        settings,
+        consumer,
+        producer,
+        lambda: learner.overlay,
+        lambda: live.base.names,
+        pipeline.metrics,
+    )
+    pipeline.learner = learner
+    await stack.enter_async_context(learner.running(reader, intake.run()))
+    return learner
 
 
 @contextlib.contextmanager

@@ -147,6 +147,21 @@ class Metrics:
         )
         for result in ("applied", "rejected"):
             self.reloads.labels(result)
+        self.corrections = Counter(
+            "semroute_corrections",
+            "Corrections read (learning), by result (accepted or dead_lettered).",
+            ["result"],
+            registry=r,
+        )
+        self.retrains = Counter(
+            "semroute_overlay_retrains",
+            "Head retrains on the overlay, by result (applied, held_back or failed).",
+            ["result"],
+            registry=r,
+        )
+        self.overlay = Info(
+            "semroute_overlay", "The overlay version read, and the one in use.", registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
@@ -37,6 +37,9 @@ from .settings import Settings
 from .tasks import PartitionTasks
 from .tracing import MESSAGING
 from .worker import Routed, Target, Worker
+
+if TYPE_CHECKING:
+    from .learning import Learner
 
 __all__ = ["Pipeline"]
 
@@ -89,6 +92,7 @@ class Pipeline:
             metrics=self.observer.metrics,
         )
         self.health = Health(self)
+        self.learner: Learner | None = None  # learning from corrections (set by open_service)
         self.activity = Activity()
         self._consumer = consumer
         self._outbox = outbox

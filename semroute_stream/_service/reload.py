@@ -11,18 +11,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from .._routing.router import Router
-from .._routing.schema import load_routes, routes_version
+from .._routing.schema import RoutesConfig, load_routes, routes_version
 from .observe import Metrics
 from .settings import Settings
 from .topics import check_topic_names, ensure_output_topics, output_topics
 from .worker import Target, route_targets
 
-__all__ = ["LiveRoutes"]
+__all__ = ["Composer", "LiveRoutes"]
 
 log = logging.getLogger("semroute_stream")
+
+
+class Composer(Protocol):
+    """What turns a routes file into the live router: by default the file alone; with
+    learning on, the file plus the overlay (:class:`~.learning.Learner`)."""
+
+    def prepare(self, base: RoutesConfig, current: Router) -> tuple[str, Callable[[], Router]]:
+        """The version the routes would have, and a function (run in a worker thread) that
+        builds their router; called on the event loop."""
+        ...
+
+
+class FileOnly:
+    """The routes file alone: its version, its router."""
+
+    def prepare(self, base: RoutesConfig, current: Router) -> tuple[str, Callable[[], Router]]:
+        return routes_version(base), lambda: Router(base, current.encoder)
 
 
 class LiveRoutes:
@@ -41,6 +60,9 @@ class LiveRoutes:
         self.settings = settings
         self.router = router
         self.targets = targets
+        #: the routes file as last loaded (with learning on, ``router`` adds the overlay)
+        self.base: RoutesConfig = router.routes
+        self.composer: Composer = FileOnly()
         #: Held by the pipeline from a batch's fetch result to its dispatch (and while it
         #: revokes partitions); a swap takes it, so it happens between two batches.
         self.lock = asyncio.Lock()
@@ -80,7 +102,7 @@ class LiveRoutes:
         current = self.router.version
         try:
             routes = await asyncio.to_thread(load_routes, path)
-            version = routes_version(routes)
+            version, build = self.composer.prepare(routes, self.router)
             if version == current:
                 log.debug("routes file %s checked: version %s unchanged", path, version)
                 return False
@@ -90,7 +112,7 @@ class LiveRoutes:
             if self.settings.output.per_route_topics and self._on_broker:
                 topics = output_topics(routes, self.settings)
                 limit = await ensure_output_topics(self.settings, topics)
-            router = await asyncio.to_thread(Router, routes, self.router.encoder)
+            router = await asyncio.to_thread(build)
         except Exception as err:  # whatever is wrong with the new file, the service goes on
             self._metrics.reloads.labels("rejected").inc()
             log.error(
@@ -101,7 +123,7 @@ class LiveRoutes:
             )
             return False
         async with self.lock:  # between batches
-            self.router, self.targets = router, targets
+            self.router, self.targets, self.base = router, targets, routes
             if limit is not None:  # the new routes' topics may take smaller records
                 self.record_limit = limit
         self._metrics.routes.info({"version": router.version})
@@ -113,6 +135,16 @@ class LiveRoutes:
             len(routes.routes),
             extra={"routes_file": str(path)},
         )
+        return True
+
+    async def install(self, router: Router, base: RoutesConfig) -> bool:
+        """Swap in ``router`` (built on ``base`` plus something else: the overlay) between two
+        batches; not if the routes file was reloaded meanwhile (it is stale then)."""
+        async with self.lock:
+            if routes_version(base) != routes_version(self.base):
+                return False
+            self.router = router
+        self._metrics.routes.info({"version": router.version})
         return True
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "FlowConfig",
     "InputConfig",
     "KafkaConfig",
+    "LearningConfig",
     "LoggingConfig",
     "ObservabilityConfig",
     "OutputConfig",
@@ -233,6 +234,40 @@ class ReloadConfig(_Section):
     watch_interval_s: float = Field(default=5.0, ge=0)
 
 
+class LearningConfig(_Section):
+    """Corrections that retrain the route head in-stream (off by default; docs/learning.md).
+
+    Corrections (``{"id", "text", "label"}``, label a route name or null) are read from
+    ``corrections_topic`` by the group ``group_id``; accepted ones become entries of the overlay,
+    a compacted topic every replica replays. The head is retrained in the background at most
+    every ``retrain_min_interval_s``, ``retrain_debounce_s`` after the overlay changed, and
+    swapped in between batches unless its cross-validated accuracy is more than
+    ``guard_tolerance`` below the live routes'.
+    """
+
+    enabled: bool = False
+    corrections_topic: str | None = None  # default "<input.topic>.corrections"
+    overlay_topic: str | None = None  # default "<input.topic>.overlay" (compacted, 1 partition)
+    group_id: str | None = None  # default "<input.group_id>.corrections"
+    max_text_chars: int = Field(default=1_000, ge=1)
+    retrain_debounce_s: float = Field(default=1.0, ge=0)
+    retrain_min_interval_s: float = Field(default=5.0, ge=0)
+    guard_tolerance: float = Field(default=0.02, ge=0, le=1)
+    #: train in a separate process (no GIL shared with the routing loop), at this nice level
+    retrain_process: bool = True
+    retrain_nice: int = Field(default=10, ge=0, le=19)
+    flip_limit: int = Field(default=3, ge=1)
+    flip_window_s: float = Field(default=3600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _topics_are_valid(self) -> LearningConfig:
+        for name in (self.corrections_topic, self.overlay_topic):
+            problem = topic_name_problem(name) if name is not None else None
+            if problem:
+                raise ValueError(f"{name!r}: {problem}")
+        return self
+
+
 class TracingConfig(_Section):
     """OpenTelemetry spans (needs ``pip install 'semroute-stream[otel]'``); off by default.
 
@@ -274,6 +309,19 @@ class Settings(BaseSettings):
     logging: LoggingConfig = LoggingConfig()
     reload: ReloadConfig = ReloadConfig()
     tracing: TracingConfig = TracingConfig()
+    learning: LearningConfig = LearningConfig()
+
+    @property
+    def corrections_topic(self) -> str:
+        return self.learning.corrections_topic or f"{self.input.topic}.corrections"
+
+    @property
+    def overlay_topic(self) -> str:
+        return self.learning.overlay_topic or f"{self.input.topic}.overlay"
+
+    @property
+    def corrections_group(self) -> str:
+        return self.learning.group_id or f"{self.input.group_id}.corrections"
 
     @property
     def parking(self) -> bool:
@@ -299,6 +347,11 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"retry topic {topic!r} (output.retry_topic_prefix + endpoint): {problem}"
                 )
+        if self.learning.enabled:
+            for topic in (self.corrections_topic, self.overlay_topic):
+                problem = topic_name_problem(topic)
+                if problem:
+                    raise ValueError(f"learning topic {topic!r}: {problem}")
         return self
 
     @classmethod

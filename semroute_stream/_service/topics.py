@@ -22,6 +22,7 @@ from .settings import Settings, topic_name_problem
 __all__ = [
     "check_topic_names",
     "create_topics",
+    "ensure_learning_topics",
     "ensure_output_topics",
     "output_topics",
     "topic_roles",
@@ -110,7 +111,59 @@ def topic_roles(settings: Settings, routes: RoutesConfig) -> list[tuple[str, str
         roles.append((out.responses_topic, "responses"))
     roles.append((out.dlq_topic, "dead letters"))
     roles += [(t, f"parked messages of endpoint {e}") for t, e in settings.retry_topics().items()]
+    if settings.learning.enabled:
+        roles.append((settings.corrections_topic, "corrections"))
+        roles.append((settings.overlay_topic, "overlay (compacted, 1 partition)"))
     return roles
+
+
+_COMPACT = {"cleanup.policy": "compact"}
+
+
+def _new_topic(settings: Settings, topic: str, partitions: int, replication: int) -> NewTopic:
+    """The overlay topic is compacted with one partition (one order every replica replays)."""
+    if settings.learning.enabled and topic == settings.overlay_topic:
+        return NewTopic(topic, 1, replication, topic_configs=_COMPACT)
+    return NewTopic(topic, partitions, replication)
+
+
+async def ensure_learning_topics(settings: Settings) -> None:
+    """The corrections and overlay topics exist (created when missing, with
+    ``output.create_topics``); the overlay topic is compacted with one partition."""
+    overlay, corrections = settings.overlay_topic, settings.corrections_topic
+    found = await topic_partitions(settings, [overlay, corrections, settings.input.topic])
+    missing = [t for t in (corrections, overlay) if t not in found]
+    if missing and not settings.output.create_topics:
+        raise ConfigError(
+            f"learning topics missing on the broker: {', '.join(missing)} "
+            "(create them with semroute-stream topics create, or set output.create_topics: true)"
+        )
+    if missing:
+        partitions = len(found.get(settings.input.topic, ())) or 1
+        await create_topics(settings, missing, partitions)
+    if overlay not in found:
+        return  # just created so (a broker may not describe a new topic's configs yet)
+    if len(found[overlay]) != 1:
+        raise ConfigError(
+            f"learning.overlay_topic {overlay!r} has {len(found[overlay])} partitions, needs 1"
+        )
+    admin = make_admin(settings)
+    await start_client(admin, settings.kafka, "admin client")
+    try:
+        resource = ConfigResource(ConfigResourceType.TOPIC, overlay, {"cleanup.policy": None})
+        policy = None
+        for response in await admin.describe_configs([resource]):
+            for res in response.to_object()["resources"]:
+                for entry in res["config_entries"]:
+                    if entry["config_names"] == "cleanup.policy":
+                        policy = entry["config_value"]
+    finally:
+        await admin.close()
+    if policy is None or "compact" not in policy:
+        raise ConfigError(
+            f"learning.overlay_topic {overlay!r} has cleanup.policy={policy}, needs compact "
+            "(a deleted overlay record would be lost on the next restart)"
+        )
 
 
 async def create_topics(
@@ -130,7 +183,7 @@ async def create_topics(
         if replication is None:
             replication = min(3, len((await admin.describe_cluster())["brokers"]))
         response = await admin.create_topics(
-            [NewTopic(t, partitions, replication) for t in missing]
+            [_new_topic(settings, t, partitions, replication) for t in missing]
         )
     finally:
         await admin.close()
