@@ -290,7 +290,7 @@ def _add_schema(sub: Any) -> None:
         "schema",
         help="print a JSON Schema: routes file, service config, outcome or dead-letter record",
         description="Print the JSON Schema (draft 2020-12) of the routes file, the service "
-        "config, or the outcome / dead-letter records (docs/schema/ has them).",
+        "config, or the outcome / dead-letter / review / shadow records (docs/schema/).",
     )
     p.add_argument("name", choices=list(SCHEMA_NAMES))
     p.set_defaults(func=cmd_schema)

@@ -22,6 +22,7 @@ from threadpoolctl import threadpool_limits
 from .._encoder import Encoder
 from .._routing.router import Router
 from .._routing.schema import load_routes
+from .audit import Audit
 from .delivery import (
     CLIENT_STOP_S,
     AtLeastOnceOutbox,
@@ -126,8 +127,10 @@ async def open_service(
     worker = Worker(settings, llm, observer)
     if record_limit is not None:
         worker.record_limit = record_limit
+    # A replay into a file (a sink) writes outcomes only: no review or shadow records.
+    audit = Audit(settings, observer.metrics, records=sink is None)
     pipeline = Pipeline(
-        settings, router, consumer, outbox, worker, targets=targets, observer=observer
+        settings, router, consumer, outbox, worker, targets=targets, observer=observer, audit=audit
     )
     obs = settings.observability
     async with contextlib.AsyncExitStack() as stack:

@@ -24,6 +24,7 @@ from .._routing.schema import RoutesConfig, load_routes, routes_version
 from .kafka import topic_operations, topic_partitions
 from .llm import resolve_api_keys
 from .settings import Settings, load_settings
+from .topics import audit_topics
 from .worker import route_targets
 
 __all__ = ["Finding", "check"]
@@ -128,6 +129,8 @@ async def _check_broker(settings: Settings, routes: RoutesConfig | None, note: N
         wanted += [(out.topic_for(name), f"responses of route {name}") for name in names]
     wanted.append((out.dlq_topic, "dead letters"))
     wanted += [(t, f"parked messages of endpoint {e}") for t, e in settings.retry_topics().items()]
+    audit = set(audit_topics(settings))
+    wanted += [(t, "review / shadow records") for t in sorted(audit)]
     servers = settings.kafka.bootstrap_servers
     try:
         found = await asyncio.wait_for(
@@ -153,7 +156,7 @@ async def _check_broker(settings: Settings, routes: RoutesConfig | None, note: N
             )
         elif topic in found:
             note("ok", "topic", f"{topic} ({role}): {len(found[topic])} partition(s)")
-        elif topic in retries and out.create_topics:  # the router's own: made at start-up
+        elif (topic in retries or topic in audit) and out.create_topics:  # made at start-up
             note("ok", "topic", f"{topic} ({role}): created at start-up (output.create_topics)")
         else:
             note("FAIL", "topic", f"{topic} ({role}): does not exist")

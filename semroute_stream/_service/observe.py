@@ -147,6 +147,24 @@ class Metrics:
         )
         for result in ("applied", "rejected"):
             self.reloads.labels(result)
+        self.review_candidates = Counter(
+            "semroute_review_candidates",
+            "Decisions that met a review reason, by reason (one decision may meet several).",
+            ["reason"],
+            registry=r,
+        )
+        self.review_skipped = Counter(
+            "semroute_review_skipped",
+            "Review candidates not written: sampled_out (review.sample_rate) or rate_capped "
+            "(review.max_per_minute).",
+            ["why"],
+            registry=r,
+        )
+        self.review_selected = Counter(
+            "semroute_review_selected",
+            "Decisions selected for the review topic (written with their outcome).",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

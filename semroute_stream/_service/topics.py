@@ -20,6 +20,7 @@ from .records import RECORD_OVERHEAD_BYTES
 from .settings import Settings, topic_name_problem
 
 __all__ = [
+    "audit_topics",
     "check_topic_names",
     "create_topics",
     "ensure_output_topics",
@@ -31,11 +32,16 @@ log = logging.getLogger("semroute_stream")
 
 
 def output_topics(routes: RoutesConfig, settings: Settings) -> list[str]:
-    """Every topic an outcome of these routes can be written to (the DLQ and, when parking
-    is on, the retry topics included)."""
+    """Every topic an outcome of these routes can be written to (the DLQ and, when on, the
+    retry, review and shadow topics included)."""
     out = settings.output
     names = [out.topic_for(r.name) for r in routes.routes] + [out.topic_for(routes.fallback.name)]
-    return sorted({*names, out.dlq_topic, *settings.retry_topics()})
+    return sorted({*names, out.dlq_topic, *settings.retry_topics(), *audit_topics(settings)})
+
+
+def audit_topics(settings: Settings) -> list[str]:
+    """The review and shadow topics, those that are on."""
+    return [t for t in (settings.review_topic(), settings.shadow_topic()) if t is not None]
 
 
 def check_topic_names(routes: RoutesConfig, settings: Settings) -> None:
@@ -110,6 +116,10 @@ def topic_roles(settings: Settings, routes: RoutesConfig) -> list[tuple[str, str
         roles.append((out.responses_topic, "responses"))
     roles.append((out.dlq_topic, "dead letters"))
     roles += [(t, f"parked messages of endpoint {e}") for t, e in settings.retry_topics().items()]
+    if (review := settings.review_topic()) is not None:
+        roles.append((review, "decisions for review"))
+    if (shadow := settings.shadow_topic()) is not None:
+        roles.append((shadow, "shadow routes' disagreements"))
     return roles
 
 
