@@ -36,6 +36,7 @@ from .llm import LLMPool, resolve_api_keys
 from .observe import HttpServer, Observer, RunStats
 from .pipeline import Pipeline
 from .settings import Settings
+from .shadow import ShadowRoutes
 from .topics import check_topic_names, ensure_output_topics, output_topics
 from .tracing import make_tracer
 from .transactions import PartitionState, PartitionTransactions
@@ -109,6 +110,9 @@ async def open_service(
     observer = Observer(tracer=make_tracer(settings.tracing))
     encoder = await asyncio.to_thread(Encoder, settings.encoder)
     router = await asyncio.to_thread(Router, routes, encoder)
+    shadow = None
+    if settings.shadow.routes is not None:  # a candidate that fails to load fails the start
+        shadow = await ShadowRoutes.load(settings, encoder, observer.metrics)
     # The first broker contact (a wrong password, a missing topic fail here): before any
     # client that would need closing exists.
     record_limit = None
@@ -128,10 +132,11 @@ async def open_service(
     if record_limit is not None:
         worker.record_limit = record_limit
     # A replay into a file (a sink) writes outcomes only: no review or shadow records.
-    audit = Audit(settings, observer.metrics, records=sink is None)
+    audit = Audit(settings, observer.metrics, records=sink is None, shadow=shadow)
     pipeline = Pipeline(
         settings, router, consumer, outbox, worker, targets=targets, observer=observer, audit=audit
     )
+    pipeline.routes.shadow = shadow
     obs = settings.observability
     async with contextlib.AsyncExitStack() as stack:
         # The decision's small matmuls run on the event loop: multi-threaded BLAS makes them

@@ -22,6 +22,7 @@ from .observe import Metrics
 from .records import OutRecord, review_record
 from .review import Reviewer
 from .settings import Settings
+from .shadow import ShadowRoutes
 from .worker import Routed
 
 __all__ = ["Audit"]
@@ -39,10 +40,15 @@ class Audit:
         metrics: Metrics,
         *,
         records: bool = True,
+        shadow: ShadowRoutes | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self._metrics = metrics
+        #: the candidate routes (``shadow.routes``); their disagreements are written only
+        #: with ``records``, the agreement counters always
+        self.shadow = shadow
+        self._shadow_topic = settings.shadow_topic() if records else None
         review_topic = settings.review_topic() if records else None
         self._review_topic = review_topic
         self._reviewer = Reviewer(settings.review, metrics, clock) if review_topic else None
@@ -50,7 +56,7 @@ class Audit:
     @property
     def active(self) -> bool:
         """Whether :meth:`batch` has anything to do."""
-        return self._reviewer is not None
+        return self._reviewer is not None or self.shadow is not None
 
     def batch(
         self,
@@ -78,6 +84,12 @@ class Audit:
                 )
                 extras.setdefault(i, []).append(record)
             self._metrics.review_selected.inc(len(chosen))
+        if self.shadow is not None:
+            topic = self._shadow_topic or ""
+            disagreements = self.shadow.compare(decisions, embeddings, texts, routed, topic, limit)
+            if self._shadow_topic is not None:
+                for i, record in disagreements.items():
+                    extras.setdefault(i, []).append(record)
         if not extras:
             return routed
         return [

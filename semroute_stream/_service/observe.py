@@ -160,6 +160,26 @@ class Metrics:
             ["why"],
             registry=r,
         )
+        self.shadow_routes = Info(
+            "semroute_shadow_routes", "The candidate (shadow) routes version.", registry=r
+        )
+        self.shadow_reloads = Counter(
+            "semroute_shadow_routes_reloads",
+            "Shadow routes reloads, by result (applied or rejected).",
+            ["result"],
+            registry=r,
+        )
+        self.shadow_decided = Counter(
+            "semroute_shadow_decided",
+            "Messages decided by the shadow (candidate) routes too.",
+            registry=r,
+        )
+        self.shadow_agreed = Counter(
+            "semroute_shadow_agreed",
+            "Messages the shadow routes decided as the live ones (the same route, or both "
+            "a fallback); agreed / decided is the agreement ratio.",
+            registry=r,
+        )
         self.review_selected = Counter(
             "semroute_review_selected",
             "Decisions selected for the review topic (written with their outcome).",
