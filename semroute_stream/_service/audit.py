@@ -19,6 +19,7 @@ import numpy as np
 from .._routing.decision import Decisions
 from .._routing.router import Router
 from .observe import Metrics
+from .quality import DecisionQuality
 from .records import OutRecord, review_record
 from .review import Reviewer
 from .settings import Settings
@@ -52,11 +53,7 @@ class Audit:
         review_topic = settings.review_topic() if records else None
         self._review_topic = review_topic
         self._reviewer = Reviewer(settings.review, metrics, clock) if review_topic else None
-
-    @property
-    def active(self) -> bool:
-        """Whether :meth:`batch` has anything to do."""
-        return self._reviewer is not None or self.shadow is not None
+        self.quality = DecisionQuality(metrics, settings.drift)
 
     def batch(
         self,
@@ -68,6 +65,7 @@ class Audit:
         limit: int | None,
     ) -> list[Routed]:
         """The batch's messages, each with the records that ride with its outcome."""
+        self.quality.observe(decisions, [r.route for r in routed])
         extras: dict[int, list[OutRecord]] = {}
         if self._reviewer is not None and self._review_topic is not None:
             keys = [r.src.idempotency_key for r in routed]

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from .._errors import ERROR_KINDS, ConfigError
+from .._routing.decision import FALLBACK_REASONS
 from .tracing import Tracer
 
 if TYPE_CHECKING:
@@ -46,6 +47,9 @@ CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 _SIZES = tuple(float(2**i) for i in range(13))  # 1 .. 4096 (batching.max_size's limit)
+#: cosines and probabilities: finer where thresholds usually sit
+_UNIT = (0.1, 0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
+_MARGIN = (0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)
 
 
 class Metrics:
@@ -147,6 +151,63 @@ class Metrics:
         )
         for result in ("applied", "rejected"):
             self.reloads.labels(result)
+        self.decision_score = Histogram(
+            "semroute_decision_score",
+            "Each decision's nearest-utterance cosine (of the best route), by route decided.",
+            ["route"],
+            buckets=_UNIT,
+            registry=r,
+        )
+        self.decision_confidence = Histogram(
+            "semroute_decision_confidence",
+            "Each decision's score compared with its threshold (head: the calibrated "
+            "probability), by route decided.",
+            ["route"],
+            buckets=_UNIT,
+            registry=r,
+        )
+        self.decision_margin = Histogram(
+            "semroute_decision_margin",
+            "Each decision's lead over the runner-up route, by route decided.",
+            ["route"],
+            buckets=_MARGIN,
+            registry=r,
+        )
+        self.fallback_reasons = Counter(
+            "semroute_fallback_reasons",
+            "Decisions that fell back, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in FALLBACK_REASONS[1:]:
+            self.fallback_reasons.labels(reason)
+        self.drift_ready = Gauge(
+            "semroute_drift_ready",
+            "1 once the drift baseline window is full (the drift gauges are set from then on).",
+            registry=r,
+        )
+        self.drift_tvd = Gauge(
+            "semroute_drift_route_share_tvd",
+            "Total-variation distance between the route shares of the recent window and the "
+            "baseline window (0..1).",
+            registry=r,
+        )
+        self.drift_jsd = Gauge(
+            "semroute_drift_route_share_jsd",
+            "Jensen-Shannon distance (base 2, 0..1) between the recent and baseline route shares.",
+            registry=r,
+        )
+        self.drift_fallback_rate = Gauge(
+            "semroute_drift_fallback_rate",
+            "Share of fallbacks in the recent and the baseline window.",
+            ["window"],
+            registry=r,
+        )
+        self.drift_fallback_delta = Gauge(
+            "semroute_drift_fallback_rate_delta",
+            "Fallback rate of the recent window minus the baseline's.",
+            registry=r,
+        )
         self.review_candidates = Counter(
             "semroute_review_candidates",
             "Decisions that met a review reason, by reason (one decision may meet several).",

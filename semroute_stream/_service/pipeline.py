@@ -395,9 +395,10 @@ class Pipeline:
             decided(router, decisions, i, targets, src, query, rec.value, received)
             for i, (src, query, rec) in enumerate(good)
         ]
-        if self.audit.active:  # review, shadow, quality metrics: records ride with outcomes
-            limit = self.worker.record_limit
-            batch = self.audit.batch(router, decisions, embeddings, texts, batch, limit)
+        # quality metrics; review and shadow records, which ride with the outcomes
+        batch = self.audit.batch(
+            router, decisions, embeddings, texts, batch, self.worker.record_limit
+        )
         for routed in batch:
             routed.timings.update(shared)
             self._tasks.spawn(self._handle(routed), routed.src)
