@@ -145,3 +145,31 @@ async def test_quality_metrics_on_metrics_after_a_known_run(
     baseline = value(found, "semroute_drift_fallback_rate", window="baseline")
     assert 0 < baseline < 1 and 0 <= recent <= 1
     assert value(found, "semroute_drift_fallback_rate_delta") == pytest.approx(recent - baseline)
+
+
+def test_batch_histogram_exports_what_a_prometheus_histogram_would() -> None:
+    import numpy as np
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from semroute_stream._service.observe import BatchHistogram
+
+    buckets = (0.1, 0.5, 0.9, 1.0)
+    ours_registry, theirs_registry = CollectorRegistry(), CollectorRegistry()
+    ours = BatchHistogram("h", "doc", "route", buckets, ours_registry)
+    theirs = Histogram("h", "doc", ["route"], buckets=buckets, registry=theirs_registry)
+    rng = np.random.default_rng(1)
+    for route in ("a", "b", "a"):
+        values = rng.uniform(-0.2, 1.3, 50).astype(np.float32)
+        values[[3, 7]] = [0.5, np.nan]  # a value on a bound counts in it; NaN is skipped
+        ours.observe_many(route, values)
+        for v in values[~np.isnan(values)]:
+            theirs.labels(route).observe(float(v))
+    from ops_helpers import samples as parse
+    from prometheus_client.exposition import generate_latest
+
+    mine = parse(generate_latest(ours_registry).decode())
+    expected = parse(generate_latest(theirs_registry).decode())
+    expected = {k: v for k, v in expected.items() if not k[0].endswith("_created")}
+    assert mine.keys() == expected.keys()
+    for key, v in expected.items():
+        assert mine[key] == pytest.approx(v, rel=1e-6), key

@@ -13,13 +13,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from .._errors import ERROR_KINDS, ConfigError
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CIRCUIT_STATES",
+    "BatchHistogram",
     "Handler",
     "HttpServer",
     "Metrics",
@@ -50,6 +54,59 @@ _SIZES = tuple(float(2**i) for i in range(13))  # 1 .. 4096 (batching.max_size's
 #: cosines and probabilities: finer where thresholds usually sit
 _UNIT = (0.1, 0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
 _MARGIN = (0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)
+
+
+class BatchHistogram:
+    """A histogram with one label, fed a whole batch of values at a time (numpy: one
+    ``searchsorted`` and ``bincount`` per label value and batch, not one ``observe`` per
+    value), exported as an ordinary Prometheus histogram (``_bucket``, ``_count``, ``_sum``).
+    Updated on the event loop only; a scrape reads a consistent copy under the lock."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        label: str,
+        buckets: tuple[float, ...],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name = name
+        self._doc = documentation
+        self._label = label
+        self._bounds = np.asarray(buckets, dtype=np.float64)
+        self._le = [repr(float(b)) for b in buckets] + ["+Inf"]  # as prometheus-client writes
+        self._counts: dict[str, np.ndarray] = {}  # per bucket, not cumulative; the last: +Inf
+        self._sums: dict[str, float] = {}
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe_many(self, label_value: str, values: np.ndarray) -> None:
+        """Observe every value (NaN values are skipped)."""
+        values = values[~np.isnan(values)]
+        if not values.size:
+            return
+        counts = np.bincount(
+            np.searchsorted(self._bounds, values, side="left"), minlength=len(self._le)
+        )
+        with self._lock:
+            if label_value in self._counts:
+                self._counts[label_value] += counts
+                self._sums[label_value] += float(values.sum())
+            else:
+                self._counts[label_value] = counts
+                self._sums[label_value] = float(values.sum())
+
+    def describe(self) -> list[HistogramMetricFamily]:
+        return [HistogramMetricFamily(self._name, self._doc, labels=[self._label])]
+
+    def collect(self) -> list[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self._name, self._doc, labels=[self._label])
+        with self._lock:
+            state = [(k, np.cumsum(v).tolist(), self._sums[k]) for k, v in self._counts.items()]
+        for value, cumulative, total in state:
+            buckets = list(zip(self._le, cumulative, strict=True))
+            family.add_metric([value], buckets, sum_value=total)
+        return [family]
 
 
 class Metrics:
@@ -151,27 +208,27 @@ class Metrics:
         )
         for result in ("applied", "rejected"):
             self.reloads.labels(result)
-        self.decision_score = Histogram(
+        self.decision_score = BatchHistogram(
             "semroute_decision_score",
             "Each decision's nearest-utterance cosine (of the best route), by route decided.",
-            ["route"],
-            buckets=_UNIT,
-            registry=r,
+            "route",
+            _UNIT,
+            r,
         )
-        self.decision_confidence = Histogram(
+        self.decision_confidence = BatchHistogram(
             "semroute_decision_confidence",
             "Each decision's score compared with its threshold (head: the calibrated "
             "probability), by route decided.",
-            ["route"],
-            buckets=_UNIT,
-            registry=r,
+            "route",
+            _UNIT,
+            r,
         )
-        self.decision_margin = Histogram(
+        self.decision_margin = BatchHistogram(
             "semroute_decision_margin",
             "Each decision's lead over the runner-up route, by route decided.",
-            ["route"],
-            buckets=_MARGIN,
-            registry=r,
+            "route",
+            _MARGIN,
+            r,
         )
         self.fallback_reasons = Counter(
             "semroute_fallback_reasons",

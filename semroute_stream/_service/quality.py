@@ -20,7 +20,6 @@ from collections import Counter, deque
 from dataclasses import dataclass
 
 import numpy as np
-from prometheus_client import Histogram
 
 from .._routing.decision import FALLBACK_REASONS, Decisions
 from .observe import Metrics
@@ -133,23 +132,20 @@ class DecisionQuality:
     def observe(self, decisions: Decisions, routes: list[str]) -> None:
         """``routes``: each decision's route name (the fallback's for a fallback)."""
         m = self._metrics
-        score = decisions.nearest_score.tolist()
-        confidence = decisions.score.tolist()
-        margin = decisions.margin.tolist()
-        children: dict[str, tuple[Histogram, Histogram, Histogram]] = {}
-        for i, route in enumerate(routes):
-            child = children.get(route)
-            if child is None:
-                child = children[route] = (
-                    m.decision_score.labels(route),
-                    m.decision_confidence.labels(route),
-                    m.decision_margin.labels(route),
-                )
-            s, c, g = child
-            s.observe(score[i])
-            c.observe(confidence[i])
-            if not math.isnan(margin[i]):
-                g.observe(margin[i])
+        if not routes:
+            return
+        order = np.argsort(decisions.route, kind="stable")  # grouped by route decided
+        route_sorted = decisions.route[order]
+        starts = np.flatnonzero(np.r_[True, route_sorted[1:] != route_sorted[:-1]])
+        ends = np.r_[starts[1:], len(order)]
+        score = decisions.nearest_score[order]
+        confidence = decisions.score[order]
+        margin = decisions.margin[order]
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+            route = routes[int(order[a])]
+            m.decision_score.observe_many(route, score[a:b])
+            m.decision_confidence.observe_many(route, confidence[a:b])
+            m.decision_margin.observe_many(route, margin[a:b])
         codes = np.bincount(decisions.reason.astype(np.intp), minlength=len(FALLBACK_REASONS))
         for code in np.flatnonzero(codes[1:]) + 1:
             m.fallback_reasons.labels(FALLBACK_REASONS[code]).inc(int(codes[code]))
