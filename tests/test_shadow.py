@@ -4,6 +4,7 @@ to the shadow topic; the agreement counters; ``promote``; end to end on a real b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -236,3 +237,43 @@ async def test_shadow_disagreements_then_promote_on_a_live_service(
     # the candidate now decides as the live routes: no new disagreement
     shadow = await read_topic(kafka_bootstrap, shadow_topic, expect=3, timeout=5)
     assert len(shadow) == 2
+
+
+def test_review_and_shadow_topics_are_outputs_with_roles(tmp_path: Path) -> None:
+    from semroute_stream._service.topics import output_topics, topic_roles
+
+    settings = _settings(tmp_path, review={"enabled": True, "topic": "q.to-review"})
+    routes = load_routes(settings.routes)
+    assert {"q.to-review", "q.out.shadow"} <= set(output_topics(routes, settings))
+    roles = dict(topic_roles(settings, routes))
+    assert roles["q.to-review"] == "decisions for review"
+    assert roles["q.out.shadow"] == "shadow routes' disagreements"
+    off = make_settings(tmp_path, "127.0.0.1:1", "q", mode="route_only")
+    assert not {"q.out.review", "q.out.shadow"} & set(output_topics(routes, off))
+
+
+async def test_the_routes_watcher_reloads_the_candidate_too(tmp_path: Path) -> None:
+    from semroute_stream._service.reload import LiveRoutes
+
+    settings = _settings(tmp_path, reload={"watch_interval_s": 0})  # on request only
+    assert settings.shadow.routes is not None
+    encoder = FakeEncoder()
+    metrics = Metrics()
+    live = Router(load_routes(settings.routes), encoder, cache=False)
+    routes = LiveRoutes(settings, live, {}, llm=False, metrics=metrics, on_broker=False)
+    routes.shadow = await ShadowRoutes.load(settings, encoder, metrics)
+    settings.shadow.routes.write_text(yaml.safe_dump(ROUTES))
+    watcher = asyncio.create_task(routes.watch())
+    try:
+        routes.request()  # what SIGHUP does
+        async with asyncio.timeout(20):
+            while routes.shadow.router.version != live.version:
+                await asyncio.sleep(0.05)
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    assert routes.router is live  # the live routes did not change
+    text = metrics.render().decode()
+    assert 'semroute_shadow_routes_reloads_total{result="applied"} 1.0' in text
+    assert f'semroute_shadow_routes_info{{version="{live.version}"}} 1.0' in text
