@@ -1,10 +1,11 @@
 """``semroute-stream check --config CONFIG``: can this config run, here, now?
 
 Checks, in order, and prints one line each (``ok``, ``WARN`` or ``FAIL``): the config, the routes
-file and its endpoints, the API key variables, the encoder model, the broker (a metadata
-request), the input and output topics (that they exist, and with ACLs that this principal may
-read the input and write the outputs: Metadata v8's authorized operations, nothing is written),
-and each LLM endpoint (``GET {base_url}/models``).
+file and its endpoints, the API key variables, the shadow (candidate) routes file when set, the
+encoder model, the broker (a metadata request), the input and output topics (review and shadow
+included; that they exist, and with ACLs that this principal may read the input and write the
+outputs: Metadata v8's authorized operations, nothing is written), and each LLM endpoint
+(``GET {base_url}/models``).
 Exit status: 0 when nothing failed, 1 when something did, 2 when the config file itself cannot
 be loaded (then nothing else can be checked).
 """
@@ -64,6 +65,7 @@ async def check(config: str | Path, say: Callable[[Finding], None] = print) -> i
         f"group {settings.input.group_id}",
     )
     routes = _check_routes(settings, note)
+    _check_candidate(settings, note)
     await _check_encoder(settings, note)
     await _check_broker(settings, routes, note)
     if settings.mode == "llm":
@@ -101,6 +103,21 @@ def _check_routes(settings: Settings, note: Note) -> RoutesConfig | None:
         except ConfigError as err:
             note("FAIL", "api keys", str(err))
     return routes
+
+
+def _check_candidate(settings: Settings, note: Note) -> None:
+    """The shadow (candidate) routes file, when set: valid as live routes would be."""
+    from .shadow import validate_candidate
+
+    path = settings.shadow.routes
+    if path is None:
+        return
+    try:
+        routes = validate_candidate(path, settings)
+    except ConfigError as err:
+        note("FAIL", "shadow", str(err))
+        return
+    note("ok", "shadow", f"{path}: candidate routes, version {routes_version(routes)}")
 
 
 async def _check_encoder(settings: Settings, note: Note) -> None:
