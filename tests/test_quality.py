@@ -173,3 +173,47 @@ def test_batch_histogram_exports_what_a_prometheus_histogram_would() -> None:
     assert mine.keys() == expected.keys()
     for key, v in expected.items():
         assert mine[key] == pytest.approx(v, rel=1e-6), key
+
+
+def _src(offset: int) -> Any:
+    from semroute_stream._service.records import Source
+
+    return Source("q", 0, offset, None, None, ())
+
+
+def test_audit_time_is_observed() -> None:
+    from fakes import FakeEncoder
+    from service_helpers import ROUTES
+
+    from semroute_stream._input import Query
+    from semroute_stream._routing.router import Router
+    from semroute_stream._routing.schema import RoutesConfig
+    from semroute_stream._service.audit import Audit
+    from semroute_stream._service.intake import decided
+    from semroute_stream._service.observe import Metrics
+    from semroute_stream._service.records import Source
+    from semroute_stream._service.settings import Settings
+
+    settings = Settings.model_validate(
+        {
+            "routes": "r.yaml",
+            "input": {"topic": "q"},
+            "output": {"responses_topic": "q.out", "dlq_topic": "q.dlq"},
+            "review": {"enabled": True, "reasons": ["fallback"]},
+        }
+    )
+    router = Router(RoutesConfig.model_validate(ROUTES), FakeEncoder(), cache=False)
+    texts = [t for t, _ in QUERIES]
+    embeddings = router.encoder.encode(texts)
+    decisions = router.decide(embeddings, texts)
+    routed = [
+        decided(
+            router, decisions, i, {}, Source("q", 0, i, None, None, ()), Query(t, None, t), None, 0
+        )
+        for i, t in enumerate(texts)
+    ]
+    metrics = Metrics()
+    out = Audit(settings, metrics).batch(router, decisions, embeddings, texts, routed, None)
+    assert [bool(r.extras) for r in out] == [r.is_fallback for r in routed]
+    assert all(r.extras[0].topic == "q.out.review" for r in out if r.extras)
+    assert "semroute_audit_seconds_count 1.0" in metrics.render().decode()

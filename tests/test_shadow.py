@@ -277,3 +277,14 @@ async def test_the_routes_watcher_reloads_the_candidate_too(tmp_path: Path) -> N
     text = metrics.render().decode()
     assert 'semroute_shadow_routes_reloads_total{result="applied"} 1.0' in text
     assert f'semroute_shadow_routes_info{{version="{live.version}"}} 1.0' in text
+
+
+async def test_open_service_fails_on_a_bad_candidate_before_any_broker_contact(
+    tmp_path: Path,
+) -> None:
+    settings = _settings(tmp_path)  # bootstrap 127.0.0.1:1: nothing listens there
+    assert settings.shadow.routes is not None
+    settings.shadow.routes.write_text(yaml.safe_dump({**CANDIDATE, "routes": []}))
+    with pytest.raises(ConfigError, match=r"candidate\.yaml"):
+        async with open_service(settings):
+            pass

@@ -65,6 +65,7 @@ class Audit:
         limit: int | None,
     ) -> list[Routed]:
         """The batch's messages, each with the records that ride with its outcome."""
+        started = time.perf_counter()
         self.quality.observe(decisions, [r.route for r in routed])
         extras: dict[int, list[OutRecord]] = {}
         if self._reviewer is not None and self._review_topic is not None:
@@ -88,6 +89,7 @@ class Audit:
             if self._shadow_topic is not None:
                 for i, record in disagreements.items():
                     extras.setdefault(i, []).append(record)
+        self._metrics.audit_seconds.observe(time.perf_counter() - started)
         if not extras:
             return routed
         return [

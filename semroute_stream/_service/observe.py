@@ -145,6 +145,12 @@ class Metrics:
         self.decide_seconds = Histogram(
             "semroute_decide_seconds", "Routing one batch (numpy).", buckets=_FAST, registry=r
         )
+        self.audit_seconds = Histogram(
+            "semroute_audit_seconds",
+            "Quality metrics, review selection and shadow decision for one batch.",
+            buckets=_FAST,
+            registry=r,
+        )
         self.llm_seconds = Histogram(
             "semroute_llm_seconds",
             "One LLM call, retries included, by endpoint (failed calls too).",
