@@ -230,3 +230,31 @@ def test_review_settings_are_validated_at_start_up(tmp_path: Path) -> None:
     assert load_settings(path).review_topic() == "q.out.review"
     path.write_text(yaml.safe_dump(base))
     assert load_settings(path).review_topic() is None
+
+
+async def test_a_refused_review_record_never_fails_its_outcome() -> None:
+    from aiokafka import TopicPartition
+    from aiokafka.errors import RecordTooLargeError
+
+    from semroute_stream._service.delivery import AtLeastOnceOutbox
+    from semroute_stream._service.records import Outcome, OutRecord
+
+    sent: list[str] = []
+
+    async def send(record: OutRecord) -> None:
+        if record.topic.endswith(".review"):
+            raise RecordTooLargeError("too large")
+        sent.append(record.topic)
+
+    async def commit(offsets: Any) -> None:
+        return None
+
+    outbox = AtLeastOnceOutbox(send, commit)
+    src = Source("q", 0, 7, None, None, ())
+    extra = OutRecord("q.out.review", b"{}", None, [])
+    shadow = OutRecord("q.out.shadow", b"{}", None, [])
+    outbox.assign({TopicPartition("q", 0)})
+    outbox.track(TopicPartition("q", 0), 7)
+    await outbox.publish(Outcome(src, "q.out", b"{}", 0.0, extras=(extra, shadow)))
+    assert sorted(sent) == ["q.out", "q.out.shadow"]
+    assert outbox.in_flight() == 0  # the outcome finished its offset
