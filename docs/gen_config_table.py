@@ -137,6 +137,23 @@ MEANINGS: dict[str, str] = {
     "logging.log_message_text": "dead-letter log lines carry the message text (debugging)",
     "reload.watch_interval_s": "routes file check interval (0: only on SIGHUP)",
     "tracing.enabled": "OpenTelemetry spans (`pip install 'semroute-stream[otel]'`)",
+    "review.enabled": "copy decisions worth a human look to the review topic "
+    "([operations.md](operations.md#review-shadow-and-decision-quality))",
+    "review.topic": "the review topic (default `<output.responses_topic>.review`)",
+    "review.reasons": "which decisions: `fallback`, `low_margin`, `low_confidence` (head), "
+    "`disagreement` (chosen route ≠ nearest utterance's route)",
+    "review.margin_below": "`low_margin`: a chosen route leading its runner-up by less",
+    "review.confidence_below": "`low_confidence`: a head's calibrated probability below this",
+    "review.sample_rate": "share of candidates kept, by a hash of topic/partition/offset "
+    "and `seed` (a replay keeps the same)",
+    "review.seed": "the sampling hash's seed",
+    "review.max_per_minute": "cap: a token bucket of this many, refilled evenly over a minute",
+    "shadow.routes": "a candidate routes file decided alongside the live one (relative to the "
+    "config file; unset: off); `semroute-stream promote` swaps it in",
+    "shadow.topic": "where disagreements go (default `<output.responses_topic>.shadow`)",
+    "drift.enabled": "route-share and fallback-rate drift gauges",
+    "drift.recent_messages": "the recent window, in decisions",
+    "drift.baseline_messages": "the baseline window: the decisions before the recent window",
     "tracing.exporter": "`otlp` (`OTEL_EXPORTER_OTLP_*`), `console`, or `global`",
     "tracing.service_name": "the spans' service name",
     "learning.enabled": "corrections retrain the head in-stream ([learning](learning.md))",

@@ -14,11 +14,12 @@ from typing import Any, Literal, get_args
 from ._errors import ERROR_KINDS
 from ._routing.decision import FALLBACK_REASONS
 from ._routing.schema import DECISION_METHODS, RoutesConfig
-from ._service.records import DEAD_LETTER_SCHEMA, OUTCOME_SCHEMA
+from ._service.records import DEAD_LETTER_SCHEMA, OUTCOME_SCHEMA, REVIEW_SCHEMA, SHADOW_SCHEMA
+from ._service.settings import REVIEW_REASONS
 
 __all__ = ["SCHEMA_NAMES", "SchemaName", "json_schema", "schema_text"]
 
-SchemaName = Literal["routes", "config", "outcome", "dead-letter"]
+SchemaName = Literal["routes", "config", "outcome", "dead-letter", "review", "shadow"]
 SCHEMA_NAMES: tuple[SchemaName, ...] = get_args(SchemaName)
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 
@@ -167,6 +168,39 @@ def dead_letter_schema() -> dict[str, Any]:
     return {"$schema": DRAFT, "title": DEAD_LETTER_SCHEMA, **schema}
 
 
+def _side(schema: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """A review or shadow record: the input's coordinates and text, then ``fields``."""
+    body = _obj(
+        {
+            "schema": {"const": schema},
+            "id": _either(_STR, _NULL),
+            "idempotency_key": {**_STR, "description": "topic/partition/offset of the input"},
+            "key": _either(_BYTES, _CUT, _NULL),
+            "source": _SOURCE,
+            "input": _either({**_STR, "description": "The query's text."}, _CUT),
+            **fields,
+            "processed_at_ms": _INT,
+        },
+        {"truncated": _truncated("key", "input")},
+    )
+    return {"$schema": DRAFT, "title": schema, **body}
+
+
+def review_schema() -> dict[str, Any]:
+    reasons = {"type": "array", "items": {"enum": list(REVIEW_REASONS)}, "minItems": 1}
+    return _side(REVIEW_SCHEMA, {"reasons": reasons, "route": _STR, "decision": _decision()})
+
+
+def shadow_schema() -> dict[str, Any]:
+    fields = {
+        "live_route": _STR,
+        "candidate_route": _STR,
+        "live": _decision(),
+        "candidate": _decision(),
+    }
+    return _side(SHADOW_SCHEMA, fields)
+
+
 def routes_schema() -> dict[str, Any]:
     schema = RoutesConfig.model_json_schema()
     route = schema["$defs"]["Route"]
@@ -191,6 +225,8 @@ def json_schema(name: SchemaName) -> dict[str, Any]:
         "config": config_schema,
         "outcome": outcome_schema,
         "dead-letter": dead_letter_schema,
+        "review": review_schema,
+        "shadow": shadow_schema,
     }
     if name not in makers:
         raise ValueError(f"unknown schema {name!r} (known: {', '.join(SCHEMA_NAMES)})")

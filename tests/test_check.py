@@ -80,3 +80,35 @@ async def test_check_passes_then_names_each_problem(
     assert code == 1
     assert any(line.startswith("broker 127.0.0.1:1: unreachable") for line in _lines(found, "FAIL"))
     assert not any(f.what == "endpoint" for f in found)  # route_only: endpoints unused
+
+
+@pytest.mark.kafka
+async def test_check_names_the_review_and_shadow_topics_and_the_candidate(
+    kafka_bootstrap: str, new_topic: Any, tmp_path: Path
+) -> None:
+    import yaml
+    from service_helpers import ROUTES
+
+    topic = await new_topic(partitions=1)
+    candidate = tmp_path / "candidate.yaml"
+    candidate.write_text(yaml.safe_dump(ROUTES))
+    settings = make_settings(
+        tmp_path,
+        kafka_bootstrap,
+        topic,
+        mode="route_only",
+        review={"enabled": True},
+        shadow={"routes": candidate},
+        output={"create_topics": False},
+    )
+    code, found = await _check(settings_yaml(settings, tmp_path / "c.yaml"))
+    assert code == 1
+    failed = _lines(found, "FAIL")
+    for side in ("review", "shadow"):
+        assert f"topic {topic}.out.{side} (review / shadow records): does not exist" in failed
+    assert any(
+        line.startswith(f"shadow {candidate}: candidate routes") for line in _lines(found, "ok")
+    )
+    candidate.write_text("routes: [")
+    code, found = await _check(settings_yaml(settings, tmp_path / "c.yaml"))
+    assert any(line.startswith("shadow ") for line in _lines(found, "FAIL"))

@@ -189,3 +189,26 @@ def test_broken_records_do_not_validate(name: SchemaName, change: Any) -> None:
     validator(name).validate(record)
     change(record)
     assert not validator(name).is_valid(record)
+
+
+def test_real_review_and_shadow_records_validate() -> None:
+    from semroute_stream._service.records import review_record, shadow_record
+
+    ok, fallback = decisions("max")
+    for decision in (ok, fallback):
+        decision.update(model="m", routes_version="0123456789ab")
+    review = review_record("r", SRC, QUERY, decision=fallback, reasons=("fallback",))
+    validator("review").validate(orjson.loads(review.value))
+    long = Query("refund " * 300, "q2", {"text": "refund"})
+    cut = review_record("r", ODD_SRC, long, decision=ok, reasons=("low_margin",), limit=1200)
+    assert orjson.loads(cut.value)["truncated"]
+    validator("review").validate(orjson.loads(cut.value))
+    shadow = shadow_record("s", SRC, QUERY, live=ok, candidate=fallback)
+    record = orjson.loads(shadow.value)
+    validator("shadow").validate(record)
+    assert record["live_route"] == "billing" and record["candidate_route"] == "fallback"
+    record["reasons"] = ["fallback"]
+    assert not validator("shadow").is_valid(record)
+    bad = orjson.loads(review.value)
+    bad["reasons"] = ["whim"]
+    assert not validator("review").is_valid(bad)

@@ -1,5 +1,5 @@
 """The ``semroute-stream`` command line: run (the Kafka service), replay, check, topics create,
-publish, embed, eval, fit, route, import-routes, schema and stub-llm.
+promote, publish, embed, eval, fit, route, import-routes, schema and stub-llm.
 
 One ``cmd_*`` function per subcommand (``serve`` and ``offline``), registered here in
 ``build_parser()``; a new subcommand is one more ``add_parser`` and one more function.
@@ -28,7 +28,15 @@ from .offline import (
     cmd_route,
     cmd_schema,
 )
-from .serve import cmd_check, cmd_overlay, cmd_publish, cmd_replay, cmd_run, cmd_topics_create
+from .serve import (
+    cmd_check,
+    cmd_overlay,
+    cmd_promote,
+    cmd_publish,
+    cmd_replay,
+    cmd_run,
+    cmd_topics_create,
+)
 
 __all__ = ["LOG_LEVELS", "build_parser", "main"]
 
@@ -90,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check(sub)
     _add_topics(sub)
     _add_overlay(sub)
+    _add_promote(sub)
     _add_publish(sub)
     _add_embed(sub, common)
     _add_eval(sub, common, methods)
@@ -165,7 +174,8 @@ def _add_topics(sub: Any) -> None:
         "create",
         help="create the input, responses, dead-letter and retry topics",
         description="Create the input topic, the responses topic (one per route with "
-        "output.per_route_topics), the dead-letter topic and the retry topics. Topics that "
+        "output.per_route_topics), the dead-letter topic, the retry topics and, when on, the "
+        "review and shadow topics. Topics that "
         "exist already are reported and left as they are.",
     )
     c.add_argument("--config", required=True, help="service config (YAML)")
@@ -196,6 +206,19 @@ def _add_overlay(sub: Any) -> None:
     for action in (show, export, back):
         action.add_argument("--config", required=True, help="service config (YAML)")
         action.set_defaults(func=cmd_overlay)
+
+
+def _add_promote(sub: Any) -> None:
+    p = sub.add_parser(
+        "promote",
+        help="make the shadow (candidate) routes file the live routes file",
+        description="Validate the candidate routes file (shadow.routes) as live routes, keep "
+        "the live file as <routes>.before-promote, then replace the live file atomically with "
+        "the candidate. A running service reloads it at its next check (or on SIGHUP).",
+    )
+    p.add_argument("--config", required=True, help="service config (YAML)")
+    p.add_argument("--no-backup", action="store_true", help="do not keep the previous file")
+    p.set_defaults(func=cmd_promote)
 
 
 def _add_publish(sub: Any) -> None:
@@ -347,7 +370,7 @@ def _add_schema(sub: Any) -> None:
         "schema",
         help="print a JSON Schema: routes file, service config, outcome or dead-letter record",
         description="Print the JSON Schema (draft 2020-12) of the routes file, the service "
-        "config, or the outcome / dead-letter records (docs/schema/ has them).",
+        "config, or the outcome / dead-letter / review / shadow records (docs/schema/).",
     )
     p.add_argument("name", choices=list(SCHEMA_NAMES))
     p.set_defaults(func=cmd_schema)

@@ -90,6 +90,22 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Make the candidate routes file (``shadow.routes``) the live one."""
+    from .._service.settings import load_settings
+    from .._service.shadow import promote
+
+    done = promote(load_settings(args.config), backup=not args.no_backup)
+    print(
+        f"promoted {done.candidate} (version {done.new_version}) to {done.live} "
+        f"(was version {done.old_version or 'unreadable'})"
+    )
+    if done.backup is not None:
+        print(f"the previous routes file is kept as {done.backup}")
+    print("a running service reloads it at its next check (reload.watch_interval_s) or on SIGHUP")
+    return 0
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     """Send JSON lines (or text lines) to the input topic; print how many were acknowledged."""
     import asyncio

@@ -183,6 +183,8 @@ class Decisions:
     reason: np.ndarray  # (B,) int8, index into FALLBACK_REASONS (0 = not a fallback)
     top_similarity: np.ndarray  # (B, k) float32, the top routes' nearest-utterance cosines
     floor: np.ndarray  # (B,) float32, head: best's similarity floor (NaN otherwise)
+    #: (B,) intp, the route of the query's nearest utterance (None: not computed)
+    nearest_route: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.route.shape[0])
@@ -387,4 +389,5 @@ def decide(table: RouteTable, queries: np.ndarray, texts: Sequence[str] | None =
         reason=fallback_reasons(table, m, route, best),
         top_similarity=np.take_along_axis(m.nearest, order, axis=1).astype(np.float32),
         floor=floor.astype(np.float32),
+        nearest_route=m.nearest.argmax(axis=1).astype(np.intp),
     )

@@ -22,6 +22,7 @@ from threadpoolctl import threadpool_limits
 from .._encoder import Encoder
 from .._routing.router import Router
 from .._routing.schema import load_routes
+from .audit import Audit
 from .corrections import CorrectionsIntake
 from .delivery import (
     CLIENT_STOP_S,
@@ -37,6 +38,7 @@ from .llm import LLMPool, resolve_api_keys
 from .observe import HttpServer, Observer, RunStats
 from .pipeline import Pipeline
 from .settings import Settings
+from .shadow import ShadowRoutes
 from .topics import (
     check_topic_names,
     ensure_learning_topics,
@@ -115,6 +117,9 @@ async def open_service(
     observer = Observer(tracer=make_tracer(settings.tracing))
     encoder = await asyncio.to_thread(Encoder, settings.encoder)
     router = await asyncio.to_thread(Router, routes, encoder)
+    shadow = None
+    if settings.shadow.routes is not None:  # a candidate that fails to load fails the start
+        shadow = await ShadowRoutes.load(settings, encoder, observer.metrics)
     # The first broker contact (a wrong password, a missing topic fail here): before any
     # client that would need closing exists.
     record_limit = None
@@ -133,9 +138,12 @@ async def open_service(
     worker = Worker(settings, llm, observer)
     if record_limit is not None:
         worker.record_limit = record_limit
+    # A replay into a file (a sink) writes outcomes only: no review or shadow records.
+    audit = Audit(settings, observer.metrics, records=sink is None, shadow=shadow)
     pipeline = Pipeline(
-        settings, router, consumer, outbox, worker, targets=targets, observer=observer
+        settings, router, consumer, outbox, worker, targets=targets, observer=observer, audit=audit
     )
+    pipeline.routes.shadow = shadow
     obs = settings.observability
     learning = settings.learning.enabled and sink is None and group_id is None  # not in replay
     if learning:

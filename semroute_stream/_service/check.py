@@ -1,10 +1,11 @@
 """``semroute-stream check --config CONFIG``: can this config run, here, now?
 
 Checks, in order, and prints one line each (``ok``, ``WARN`` or ``FAIL``): the config, the routes
-file and its endpoints, the API key variables, the encoder model, the broker (a metadata
-request), the input and output topics (that they exist, and with ACLs that this principal may
-read the input and write the outputs: Metadata v8's authorized operations, nothing is written),
-and each LLM endpoint (``GET {base_url}/models``).
+file and its endpoints, the API key variables, the shadow (candidate) routes file when set, the
+encoder model, the broker (a metadata request), the input and output topics (review and shadow
+included; that they exist, and with ACLs that this principal may read the input and write the
+outputs: Metadata v8's authorized operations, nothing is written), and each LLM endpoint
+(``GET {base_url}/models``).
 Exit status: 0 when nothing failed, 1 when something did, 2 when the config file itself cannot
 be loaded (then nothing else can be checked).
 """
@@ -24,6 +25,7 @@ from .._routing.schema import RoutesConfig, load_routes, routes_version
 from .kafka import topic_operations, topic_partitions
 from .llm import resolve_api_keys
 from .settings import Settings, load_settings
+from .topics import audit_topics
 from .worker import route_targets
 
 __all__ = ["Finding", "check"]
@@ -63,6 +65,7 @@ async def check(config: str | Path, say: Callable[[Finding], None] = print) -> i
         f"group {settings.input.group_id}",
     )
     routes = _check_routes(settings, note)
+    _check_candidate(settings, note)
     await _check_encoder(settings, note)
     await _check_broker(settings, routes, note)
     if settings.mode == "llm":
@@ -102,6 +105,21 @@ def _check_routes(settings: Settings, note: Note) -> RoutesConfig | None:
     return routes
 
 
+def _check_candidate(settings: Settings, note: Note) -> None:
+    """The shadow (candidate) routes file, when set: valid as live routes would be."""
+    from .shadow import validate_candidate
+
+    path = settings.shadow.routes
+    if path is None:
+        return
+    try:
+        routes = validate_candidate(path, settings)
+    except ConfigError as err:
+        note("FAIL", "shadow", str(err))
+        return
+    note("ok", "shadow", f"{path}: candidate routes, version {routes_version(routes)}")
+
+
 async def _check_encoder(settings: Settings, note: Note) -> None:
     from .._encoder import Encoder
 
@@ -128,6 +146,8 @@ async def _check_broker(settings: Settings, routes: RoutesConfig | None, note: N
         wanted += [(out.topic_for(name), f"responses of route {name}") for name in names]
     wanted.append((out.dlq_topic, "dead letters"))
     wanted += [(t, f"parked messages of endpoint {e}") for t, e in settings.retry_topics().items()]
+    audit = set(audit_topics(settings))
+    wanted += [(t, "review / shadow records") for t in sorted(audit)]
     servers = settings.kafka.bootstrap_servers
     try:
         found = await asyncio.wait_for(
@@ -153,7 +173,7 @@ async def _check_broker(settings: Settings, routes: RoutesConfig | None, note: N
             )
         elif topic in found:
             note("ok", "topic", f"{topic} ({role}): {len(found[topic])} partition(s)")
-        elif topic in retries and out.create_topics:  # the router's own: made at start-up
+        elif (topic in retries or topic in audit) and out.create_topics:  # made at start-up
             note("ok", "topic", f"{topic} ({role}): created at start-up (output.create_topics)")
         else:
             note("FAIL", "topic", f"{topic} ({role}): does not exist")

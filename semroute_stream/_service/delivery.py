@@ -542,9 +542,22 @@ class AtLeastOnceOutbox(_Committing):
             "messaging.operation.type": "send",
         }
         with self._observer.tracer.span(f"send {topic}", attributes, kind="producer"):
-            await self._send(outcome.record())
+            if outcome.extras:  # sent in the same tick: they share the outcome's batches
+                await asyncio.gather(
+                    self._send(outcome.record()), *(self._extra(r) for r in outcome.extras)
+                )
+            else:
+                await self._send(outcome.record())
         self._observer.published(outcome)
         self._finished(outcome)
+
+    async def _extra(self, record: OutRecord) -> None:
+        """A record riding with an outcome (review, shadow): one the broker refuses as a
+        record is logged and left out; it never turns the outcome into a dead letter."""
+        try:
+            await self._send(record)
+        except RECORD_ERRORS as err:
+            log.error("a %s record was refused and left out: %r", record.topic, err)
 
     async def _commit_offsets(
         self, offsets: dict[TopicPartition, int]
@@ -621,7 +634,7 @@ class ExactlyOnceOutbox(_Committing):
         attributes = {**MESSAGING, "messaging.batch.message_count": len(ready)}
         try:
             with self._observer.tracer.span("transaction", attributes):
-                records = [o.record() for o in ready]
+                records = [r for o in ready for r in o.records()]
                 # A stalled partition gets one try a round: it must not hold up the others.
                 once = 0.0 if tp in self._stalled else None
                 await self.transactions.publish(tp, records, next_offset, retry_for_s=once)

@@ -13,16 +13,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from .._errors import ERROR_KINDS, ConfigError
+from .._routing.decision import FALLBACK_REASONS
 from .tracing import Tracer
 
 if TYPE_CHECKING:
@@ -30,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CIRCUIT_STATES",
+    "BatchHistogram",
     "Handler",
     "HttpServer",
     "Metrics",
@@ -46,6 +51,62 @@ CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 _SIZES = tuple(float(2**i) for i in range(13))  # 1 .. 4096 (batching.max_size's limit)
+#: cosines and probabilities: finer where thresholds usually sit
+_UNIT = (0.1, 0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
+_MARGIN = (0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)
+
+
+class BatchHistogram:
+    """A histogram with one label, fed a whole batch of values at a time (numpy: one
+    ``searchsorted`` and ``bincount`` per label value and batch, not one ``observe`` per
+    value), exported as an ordinary Prometheus histogram (``_bucket``, ``_count``, ``_sum``).
+    Updated on the event loop only; a scrape reads a consistent copy under the lock."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        label: str,
+        buckets: tuple[float, ...],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name = name
+        self._doc = documentation
+        self._label = label
+        self._bounds = np.asarray(buckets, dtype=np.float64)
+        self._le = [repr(float(b)) for b in buckets] + ["+Inf"]  # as prometheus-client writes
+        self._counts: dict[str, np.ndarray] = {}  # per bucket, not cumulative; the last: +Inf
+        self._sums: dict[str, float] = {}
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe_many(self, label_value: str, values: np.ndarray) -> None:
+        """Observe every value (NaN values are skipped)."""
+        values = values[~np.isnan(values)]
+        if not values.size:
+            return
+        counts = np.bincount(
+            np.searchsorted(self._bounds, values, side="left"), minlength=len(self._le)
+        )
+        with self._lock:
+            if label_value in self._counts:
+                self._counts[label_value] += counts
+                self._sums[label_value] += float(values.sum())
+            else:
+                self._counts[label_value] = counts
+                self._sums[label_value] = float(values.sum())
+
+    def describe(self) -> list[HistogramMetricFamily]:
+        return [HistogramMetricFamily(self._name, self._doc, labels=[self._label])]
+
+    def collect(self) -> list[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self._name, self._doc, labels=[self._label])
+        with self._lock:
+            state = [(k, np.cumsum(v).tolist(), self._sums[k]) for k, v in self._counts.items()]
+        for value, cumulative, total in state:
+            buckets = list(zip(self._le, cumulative, strict=True))
+            family.add_metric([value], buckets, sum_value=total)
+        return [family]
 
 
 class Metrics:
@@ -83,6 +144,12 @@ class Metrics:
         )
         self.decide_seconds = Histogram(
             "semroute_decide_seconds", "Routing one batch (numpy).", buckets=_FAST, registry=r
+        )
+        self.audit_seconds = Histogram(
+            "semroute_audit_seconds",
+            "Quality metrics, review selection and shadow decision for one batch.",
+            buckets=_FAST,
+            registry=r,
         )
         self.llm_seconds = Histogram(
             "semroute_llm_seconds",
@@ -161,6 +228,101 @@ class Metrics:
         )
         self.overlay = Info(
             "semroute_overlay", "The overlay version read, and the one in use.", registry=r
+        )
+        self.decision_score = BatchHistogram(
+            "semroute_decision_score",
+            "Each decision's nearest-utterance cosine (of the best route), by route decided.",
+            "route",
+            _UNIT,
+            r,
+        )
+        self.decision_confidence = BatchHistogram(
+            "semroute_decision_confidence",
+            "Each decision's score compared with its threshold (head: the calibrated "
+            "probability), by route decided.",
+            "route",
+            _UNIT,
+            r,
+        )
+        self.decision_margin = BatchHistogram(
+            "semroute_decision_margin",
+            "Each decision's lead over the runner-up route, by route decided.",
+            "route",
+            _MARGIN,
+            r,
+        )
+        self.fallback_reasons = Counter(
+            "semroute_fallback_reasons",
+            "Decisions that fell back, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in FALLBACK_REASONS[1:]:
+            self.fallback_reasons.labels(reason)
+        self.drift_ready = Gauge(
+            "semroute_drift_ready",
+            "1 once the drift baseline window is full (the drift gauges are set from then on).",
+            registry=r,
+        )
+        self.drift_tvd = Gauge(
+            "semroute_drift_route_share_tvd",
+            "Total-variation distance between the route shares of the recent window and the "
+            "baseline window (0..1).",
+            registry=r,
+        )
+        self.drift_jsd = Gauge(
+            "semroute_drift_route_share_jsd",
+            "Jensen-Shannon distance (base 2, 0..1) between the recent and baseline route shares.",
+            registry=r,
+        )
+        self.drift_fallback_rate = Gauge(
+            "semroute_drift_fallback_rate",
+            "Share of fallbacks in the recent and the baseline window.",
+            ["window"],
+            registry=r,
+        )
+        self.drift_fallback_delta = Gauge(
+            "semroute_drift_fallback_rate_delta",
+            "Fallback rate of the recent window minus the baseline's.",
+            registry=r,
+        )
+        self.review_candidates = Counter(
+            "semroute_review_candidates",
+            "Decisions that met a review reason, by reason (one decision may meet several).",
+            ["reason"],
+            registry=r,
+        )
+        self.review_skipped = Counter(
+            "semroute_review_skipped",
+            "Review candidates not written: sampled_out (review.sample_rate) or rate_capped "
+            "(review.max_per_minute).",
+            ["why"],
+            registry=r,
+        )
+        self.shadow_routes = Info(
+            "semroute_shadow_routes", "The candidate (shadow) routes version.", registry=r
+        )
+        self.shadow_reloads = Counter(
+            "semroute_shadow_routes_reloads",
+            "Shadow routes reloads, by result (applied or rejected).",
+            ["result"],
+            registry=r,
+        )
+        self.shadow_decided = Counter(
+            "semroute_shadow_decided",
+            "Messages decided by the shadow (candidate) routes too.",
+            registry=r,
+        )
+        self.shadow_agreed = Counter(
+            "semroute_shadow_agreed",
+            "Messages the shadow routes decided as the live ones (the same route, or both "
+            "a fallback); agreed / decided is the agreement ratio.",
+            registry=r,
+        )
+        self.review_selected = Counter(
+            "semroute_review_selected",
+            "Decisions selected for the review topic (written with their outcome).",
+            registry=r,
         )
 
     def render(self) -> bytes:

@@ -6,6 +6,7 @@ Everything else is a collaborator with one job (wired by :mod:`.app`):
 * :class:`~.reload.LiveRoutes`: the router and targets in use, and their hot reload;
 * :class:`~.worker.Worker`: a routed query → its :class:`~.records.Outcome` (LLM call or not);
 * :class:`~.delivery.Outbox`: outcomes out, offsets committed only past durable outcomes;
+* :class:`~.audit.Audit`: review records, shadow decisions, decision-quality metrics;
 * :class:`~.bounds.RunBounds`: when a run stops by itself (count, idle timeout, replay end);
 * :class:`~.health.Health`: readiness, lag and gauges; :class:`~.observe.Observer`: stats,
   metrics and spans.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -26,6 +28,7 @@ from aiokafka.structs import ConsumerRecord
 from .._errors import InputError
 from .._input import Query
 from .._routing.router import Router
+from .audit import Audit
 from .bounds import RunBounds
 from .delivery import RECORD_ERRORS, Outbox
 from .health import Activity, Health
@@ -80,9 +83,11 @@ class Pipeline:
         *,
         targets: dict[str, Target] | None = None,
         observer: Observer | None = None,
+        audit: Audit | None = None,
     ) -> None:
         self.settings = settings
         self.observer = observer or Observer()
+        self.audit = audit or Audit(settings, self.observer.metrics)
         self.worker = worker
         self.routes = LiveRoutes(
             settings,
@@ -390,10 +395,17 @@ class Pipeline:
         self.metrics.encode_seconds.observe(t1 - t0)
         self.metrics.decide_seconds.observe(t2 - t1)
         shared = {"encode": (t1 - t0) * 1000, "decide": (t2 - t1) * 1000}
-        for i, (src, query, rec) in enumerate(good):
-            routed = decided(router, decisions, i, targets, src, query, rec.value, received)
+        batch = [
+            decided(router, decisions, i, targets, src, query, rec.value, received)
+            for i, (src, query, rec) in enumerate(good)
+        ]
+        # quality metrics; review and shadow records, which ride with the outcomes
+        batch = self.audit.batch(
+            router, decisions, embeddings, texts, batch, self.worker.record_limit
+        )
+        for routed in batch:
             routed.timings.update(shared)
-            self._tasks.spawn(self._handle(routed), src)
+            self._tasks.spawn(self._handle(routed), routed.src)
 
     async def _handle(self, routed: Routed) -> None:
         """Answer one routed message and deliver its outcome, in one span."""
@@ -412,6 +424,8 @@ class Pipeline:
                 outcome = await self.worker.answer(routed)
             except Exception as err:  # one message's failure is that message's dead letter
                 outcome = self.worker.failed(routed, err)
+            if routed.extras:
+                outcome = dataclasses.replace(outcome, extras=routed.extras)
             await self._deliver(outcome)
 
     async def _deliver(self, outcome: Outcome) -> None:

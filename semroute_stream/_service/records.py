@@ -21,6 +21,8 @@ __all__ = [
     "OUTCOME_SCHEMA",
     "PARKED_SCHEMA",
     "RECORD_OVERHEAD_BYTES",
+    "REVIEW_SCHEMA",
+    "SHADOW_SCHEMA",
     "OutRecord",
     "Outcome",
     "Parked",
@@ -32,6 +34,8 @@ __all__ = [
     "outcome_record",
     "parked_record",
     "read_parked",
+    "review_record",
+    "shadow_record",
 ]
 
 #: Room left in a topic's ``max.message.bytes`` for the record batch framing.
@@ -40,6 +44,8 @@ RECORD_OVERHEAD_BYTES = 512
 OUTCOME_SCHEMA = "semroute.outcome/1"
 PARKED_SCHEMA = "semroute.parked/1"
 DEAD_LETTER_SCHEMA = "semroute.dead_letter/1"
+REVIEW_SCHEMA = "semroute.review/1"
+SHADOW_SCHEMA = "semroute.shadow/1"
 
 Headers = tuple[tuple[str, bytes], ...]
 
@@ -97,6 +103,8 @@ class Outcome:
     timestamp_ms: int | None = None
     parked: bool = False  # not final: written to its endpoint's retry topic (see Worker.park)
     consumed: Source | None = None  # where it was consumed from, when not ``src`` (a retry)
+    #: records that ride with this outcome (review, shadow): written with it, same durability
+    extras: tuple[OutRecord, ...] = ()
 
     @property
     def at(self) -> Source:
@@ -112,6 +120,10 @@ class Outcome:
             headers.append(("semroute-route", self.route.encode()))
         key = self.src.key if self.copy_envelope else None
         return OutRecord(self.topic, self.value, key, headers, self.timestamp_ms)
+
+    def records(self) -> list[OutRecord]:
+        """Its record and the records that ride with it (exactly-once: one transaction)."""
+        return [self.record(), *self.extras]
 
 
 def envelope_bytes(src: Source) -> int:
@@ -369,3 +381,64 @@ def read_parked(value: bytes | None) -> Parked:
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as err:
         raise ValueError(f"unreadable parked record: {err!r}") from err
+
+
+def _side_record(
+    schema: str,
+    topic: str,
+    src: Source,
+    query: Query,
+    fields: dict[str, Any],
+    headers: list[tuple[str, bytes]],
+    limit: int | None,
+) -> OutRecord:
+    """A record about a decision (review, shadow): the input's coordinates, id, key and text
+    (cut first when the record is over ``limit``), then ``fields``. Keyed like the input, so
+    a key's records stay in order; the input's headers are not copied."""
+    record: dict[str, Any] = {
+        "schema": schema,
+        "id": query.id,
+        "idempotency_key": src.idempotency_key,
+        "key": _bytes_field(src.key),
+        "source": _source_fields(src, copy_envelope=False)["source"],
+        "input": query.text,
+        **fields,
+        "processed_at_ms": int(time.time() * 1000),
+    }
+    value = _dumps_within(record, limit, {"input": query.text.encode(), "key": src.key})
+    return OutRecord(topic, value, src.key, headers, src.timestamp_ms)
+
+
+def review_record(
+    topic: str,
+    src: Source,
+    query: Query,
+    *,
+    decision: dict[str, Any],
+    reasons: tuple[str, ...],
+    limit: int | None = None,
+) -> OutRecord:
+    """A decision worth a human look: why (``reasons``) and its full explanation."""
+    fields = {"reasons": list(reasons), "route": decision["route"], "decision": decision}
+    headers = [("semroute-review", ",".join(reasons).encode())]
+    return _side_record(REVIEW_SCHEMA, topic, src, query, fields, headers, limit)
+
+
+def shadow_record(
+    topic: str,
+    src: Source,
+    query: Query,
+    *,
+    live: dict[str, Any],
+    candidate: dict[str, Any],
+    limit: int | None = None,
+) -> OutRecord:
+    """A decision on which the candidate routes disagree with the live ones: both explained."""
+    fields = {
+        "live_route": live["route"],
+        "candidate_route": candidate["route"],
+        "live": live,
+        "candidate": candidate,
+    }
+    headers = [("semroute-shadow", f"{live['route']}->{candidate['route']}".encode())]
+    return _side_record(SHADOW_SCHEMA, topic, src, query, fields, headers, limit)

@@ -4,6 +4,7 @@
 with. It reloads when the routes file's mtime/size/inode changes (``reload.watch_interval_s``)
 or on request (SIGHUP): the new file is loaded, validated and embedded off the event loop, then
 swapped in under the pipeline's batch lock, so one batch is always decided by one version.
+The shadow (candidate) routes, when set, are checked at the same times (:mod:`.shadow`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .._routing.router import Router
 from .._routing.schema import RoutesConfig, load_routes, routes_version
 from .observe import Metrics
 from .settings import Settings
+from .shadow import ShadowRoutes
 from .topics import check_topic_names, ensure_output_topics, output_topics
 from .worker import Target, route_targets
 
@@ -73,6 +75,8 @@ class LiveRoutes:
         self._metrics = metrics
         self._wanted = asyncio.Event()
         self._stamp: tuple[int, int, int] | None = None
+        #: the candidate routes, checked with the live file (same interval, SIGHUP too)
+        self.shadow: ShadowRoutes | None = None
         metrics.routes.info({"version": router.version})
 
     def request(self) -> None:
@@ -91,6 +95,8 @@ class LiveRoutes:
             if forced or stamp != self._stamp:
                 self._stamp = stamp
                 await self.reload()
+            if self.shadow is not None:
+                await self.shadow.check(forced, self.lock)
 
     async def reload(self) -> bool:
         """Load, validate and embed the routes file, then swap it in between two batches.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -26,6 +26,7 @@ from .llm import EndpointConfig
 
 __all__ = [
     "BatchingConfig",
+    "DriftConfig",
     "FlowConfig",
     "InputConfig",
     "KafkaConfig",
@@ -34,7 +35,9 @@ __all__ = [
     "ObservabilityConfig",
     "OutputConfig",
     "ReloadConfig",
+    "ReviewConfig",
     "Settings",
+    "ShadowConfig",
     "TracingConfig",
     "load_settings",
     "topic_name_problem",
@@ -268,6 +271,68 @@ class LearningConfig(_Section):
         return self
 
 
+ReviewReason = Literal["fallback", "low_margin", "low_confidence", "disagreement"]
+REVIEW_REASONS: tuple[ReviewReason, ...] = get_args(ReviewReason)
+"""Why a decision is worth a human look (``review.reasons``; see :mod:`.review`)."""
+
+
+class ReviewConfig(_Section):
+    """Decisions worth a human look, copied to a review topic (off by default).
+
+    A decision is a candidate for each reason it meets: ``fallback`` (no route passed),
+    ``low_margin`` (a route was chosen, leading its runner-up by less than ``margin_below``),
+    ``low_confidence`` (method ``head`` only: a route was chosen with a calibrated probability
+    below ``confidence_below``), ``disagreement`` (the chosen route is not the route of the
+    nearest example utterance). A candidate is kept when the hash of its input's coordinates
+    (topic/partition/offset) and ``seed`` falls under ``sample_rate`` (a replay keeps the same
+    ones), and while a token bucket of ``max_per_minute`` (refilled evenly) has a token.
+    """
+
+    enabled: bool = False
+    topic: str | None = None  # default: "<output.responses_topic>.review"
+    reasons: list[ReviewReason] = list(REVIEW_REASONS)
+    margin_below: float = Field(default=0.05, ge=0)
+    confidence_below: float = Field(default=0.5, ge=0, le=1)
+    sample_rate: float = Field(default=1.0, ge=0, le=1)
+    seed: int = 0
+    max_per_minute: int = Field(default=600, ge=1)
+
+    @model_validator(mode="after")
+    def _valid(self) -> ReviewConfig:
+        if self.topic is not None and (problem := topic_name_problem(self.topic)):
+            raise ValueError(f"topic {self.topic!r}: {problem}")
+        if not self.reasons:
+            raise ValueError(f"reasons: name at least one of {', '.join(REVIEW_REASONS)}")
+        return self
+
+
+class ShadowConfig(_Section):
+    """A candidate routes file decided alongside the live one (off while ``routes`` is unset).
+
+    Every batch is decided by both on the same embeddings; where they disagree (another
+    route, or a fallback against a route) a record with both explanations goes to ``topic``.
+    ``semroute-stream promote`` makes the candidate the live routes file.
+    """
+
+    routes: Path | None = None  # relative to the config file's directory
+    topic: str | None = None  # default: "<output.responses_topic>.shadow"
+
+    @model_validator(mode="after")
+    def _valid(self) -> ShadowConfig:
+        if self.topic is not None and (problem := topic_name_problem(self.topic)):
+            raise ValueError(f"topic {self.topic!r}: {problem}")
+        return self
+
+
+class DriftConfig(_Section):
+    """The drift signal: route shares and fallback rate of the last ``recent_messages``
+    decisions against the ``baseline_messages`` decided before them (off by default)."""
+
+    enabled: bool = False
+    recent_messages: int = Field(default=1_000, ge=10)
+    baseline_messages: int = Field(default=10_000, ge=10)
+
+
 class TracingConfig(_Section):
     """OpenTelemetry spans (needs ``pip install 'semroute-stream[otel]'``); off by default.
 
@@ -323,6 +388,22 @@ class Settings(BaseSettings):
     def corrections_group(self) -> str:
         return self.learning.group_id or f"{self.input.group_id}.corrections"
 
+    review: ReviewConfig = ReviewConfig()
+    shadow: ShadowConfig = ShadowConfig()
+    drift: DriftConfig = DriftConfig()
+
+    def review_topic(self) -> str | None:
+        """The review topic, when review is on."""
+        if not self.review.enabled:
+            return None
+        return self.review.topic or f"{self.output.responses_topic}.review"
+
+    def shadow_topic(self) -> str | None:
+        """The shadow (disagreements) topic, when a candidate routes file is set."""
+        if self.shadow.routes is None:
+            return None
+        return self.shadow.topic or f"{self.output.responses_topic}.shadow"
+
     @property
     def parking(self) -> bool:
         """Whether messages of an unavailable endpoint are parked on retry topics."""
@@ -352,6 +433,19 @@ class Settings(BaseSettings):
                 problem = topic_name_problem(topic)
                 if problem:
                     raise ValueError(f"learning topic {topic!r}: {problem}")
+        taken = {self.input.topic, self.output.responses_topic, self.output.dlq_topic}
+        for field, side in (("review", self.review_topic()), ("shadow", self.shadow_topic())):
+            if side is None:
+                continue
+            problem = topic_name_problem(side)
+            if problem:
+                raise ValueError(f"{field}.topic {side!r}: {problem}")
+            if side in taken:
+                raise ValueError(
+                    f"{field}.topic {side!r} is already the input, responses or dead-letter "
+                    "topic: it needs a topic of its own"
+                )
+            taken.add(side)
         return self
 
     @classmethod
@@ -470,6 +564,9 @@ def load_settings(path: str | Path) -> Settings:
         updates["secrets_dir"] = sources["_secrets_dir"]
     if not settings.routes.is_absolute():
         updates["routes"] = base / settings.routes
+    candidate = settings.shadow.routes
+    if candidate is not None and not candidate.is_absolute():
+        updates["shadow"] = settings.shadow.model_copy(update={"routes": base / candidate})
     tls = {
         name: base / value
         for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile")

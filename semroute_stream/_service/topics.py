@@ -20,6 +20,7 @@ from .records import RECORD_OVERHEAD_BYTES
 from .settings import Settings, topic_name_problem
 
 __all__ = [
+    "audit_topics",
     "check_topic_names",
     "create_topics",
     "ensure_learning_topics",
@@ -32,11 +33,16 @@ log = logging.getLogger("semroute_stream")
 
 
 def output_topics(routes: RoutesConfig, settings: Settings) -> list[str]:
-    """Every topic an outcome of these routes can be written to (the DLQ and, when parking
-    is on, the retry topics included)."""
+    """Every topic an outcome of these routes can be written to (the DLQ and, when on, the
+    retry, review and shadow topics included)."""
     out = settings.output
     names = [out.topic_for(r.name) for r in routes.routes] + [out.topic_for(routes.fallback.name)]
-    return sorted({*names, out.dlq_topic, *settings.retry_topics()})
+    return sorted({*names, out.dlq_topic, *settings.retry_topics(), *audit_topics(settings)})
+
+
+def audit_topics(settings: Settings) -> list[str]:
+    """The review and shadow topics, those that are on."""
+    return [t for t in (settings.review_topic(), settings.shadow_topic()) if t is not None]
 
 
 def check_topic_names(routes: RoutesConfig, settings: Settings) -> None:
@@ -114,6 +120,10 @@ def topic_roles(settings: Settings, routes: RoutesConfig) -> list[tuple[str, str
     if settings.learning.enabled:
         roles.append((settings.corrections_topic, "corrections"))
         roles.append((settings.overlay_topic, "overlay (compacted, 1 partition)"))
+    if (review := settings.review_topic()) is not None:
+        roles.append((review, "decisions for review"))
+    if (shadow := settings.shadow_topic()) is not None:
+        roles.append((shadow, "shadow routes' disagreements"))
     return roles
 
 

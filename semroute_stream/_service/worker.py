@@ -33,6 +33,7 @@ from .observe import Observer
 from .records import (
     RECORD_OVERHEAD_BYTES,
     Outcome,
+    OutRecord,
     Source,
     coords,
     dead_letter_record,
@@ -86,6 +87,7 @@ class Routed:
     consumed: Source | None = None  # a parked message: the retry-topic record it came from
     parked_at_ms: int | None = None  # a parked message: when it was first parked
     times_parked: int = 0
+    extras: tuple[OutRecord, ...] = ()  # records that ride with its outcome (see audit.py)
 
 
 class _Park(Exception):
