@@ -32,7 +32,7 @@ class TrainSettings:
     """The hyperparameters (recorded in the model card)."""
 
     epochs: float = 3.0
-    routes_per_batch: int = 16
+    routes_per_batch: int = 32
     per_route: int = 2
     learning_rate: float = 3e-5
     warmup: float = 0.1
