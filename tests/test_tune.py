@@ -21,6 +21,7 @@ from semroute_stream._encoder import Encoder, EncoderConfig, fidelity_probe_text
 from semroute_stream._errors import ConfigError
 from semroute_stream._model_build import DEFAULT_MODEL_ID, BertArch, locate_weights_dir
 from semroute_stream._offline import bert_jax
+from semroute_stream._offline.finetune import _guard
 from semroute_stream._offline.tune_data import BUCKETS, Tokens, bucket, hold_out
 from semroute_stream._offline.tune_train import TrainSettings, embed, learning_rates, train
 from semroute_stream._routing.router import Router
@@ -233,3 +234,15 @@ def test_without_jax_the_error_names_the_extra(
     err = capsys.readouterr().err
     assert "optax" in err and "pip install 'semroute-stream[tune]'" in err
     assert not (tmp_path / "m").exists()
+
+
+def test_guard_tolerates_one_row_of_noise_and_refuses_more() -> None:
+    before = {"data": {"overall_accuracy": 0.9263}, "utterances": {"overall_accuracy": 0.95}}
+    rows = {"data": 95, "utterances": 300}
+    one_row = _guard(before, {"data": {"overall_accuracy": 0.9158}}, rows, False)
+    assert one_row["passed"] and one_row["warning"] and "within noise" in one_row["verdict"]
+    assert one_row["figure"] == "data overall_accuracy"  # the labelled rows, not utterances
+    worse = _guard(before, {"data": {"overall_accuracy": 0.9053}}, rows, False)
+    assert not worse["passed"] and worse["verdict"].startswith("refused")
+    better = _guard(before, {"data": {"overall_accuracy": 0.93}}, rows, False)
+    assert better["passed"] and not better["warning"]

@@ -182,6 +182,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
             print_json_last(refused.card)
         return 1
     _print_figures(card)
+    if card["guard"]["warning"]:
+        print(
+            f"WARNING: the tuned model is worse on the held-out {card['guard']['figure']} "
+            f"({card['guard']['verdict']})",
+            file=sys.stderr,
+        )
     print(f"wrote {args.out} (use it as encoder.model / --model)")
     if args.json:
         print_json_last(card)
