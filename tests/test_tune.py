@@ -237,12 +237,13 @@ def test_without_jax_the_error_names_the_extra(
 
 
 def test_guard_tolerates_one_row_of_noise_and_refuses_more() -> None:
-    before = {"data": {"overall_accuracy": 0.9263}, "utterances": {"overall_accuracy": 0.95}}
+    # Banking77's figures (evaluate rounds to 6 decimals): 88/95 -> 87/95 is one row.
+    before = {"data": {"overall_accuracy": 0.926316}, "utterances": {"overall_accuracy": 0.95}}
     rows = {"data": 95, "utterances": 300}
-    one_row = _guard(before, {"data": {"overall_accuracy": 0.9158}}, rows, False)
+    one_row = _guard(before, {"data": {"overall_accuracy": 0.915789}}, rows, False)
     assert one_row["passed"] and one_row["warning"] and "within noise" in one_row["verdict"]
     assert one_row["figure"] == "data overall_accuracy"  # the labelled rows, not utterances
-    worse = _guard(before, {"data": {"overall_accuracy": 0.9053}}, rows, False)
+    worse = _guard(before, {"data": {"overall_accuracy": 0.905263}}, rows, False)
     assert not worse["passed"] and worse["verdict"].startswith("refused")
     better = _guard(before, {"data": {"overall_accuracy": 0.93}}, rows, False)
     assert better["passed"] and not better["warning"]

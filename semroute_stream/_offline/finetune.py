@@ -20,6 +20,7 @@ rows), guard against over-fitting, and write a model directory.
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -194,8 +195,11 @@ def _guard(
             "verdict": "nothing held out: not checked",
         }
     b, a = before[kind]["overall_accuracy"], after[kind]["overall_accuracy"]
-    allowed = max(NOISE_POINTS, 1.0 / max(rows[kind], 1)) + 1e-9
-    passed = a >= b - allowed
+    n = max(rows[kind], 1)
+    allowed_rows = max(1, math.floor(NOISE_POINTS * n))  # compared in rows: no rounding
+    lost_rows = round((b - a) * n)
+    passed = lost_rows <= allowed_rows
+    allowed = allowed_rows / n
     if a >= b:
         verdict = "passed"
     elif passed:
