@@ -133,6 +133,8 @@ class Encoder:
         resolved = resolve_model(self.config)
         self.model_dir, self.model_name = resolved.directory, resolved.name
         self.model_source, self.model_revision = resolved.source, resolved.revision
+        #: The model's identity in the route head's cache key (``ResolvedModel.key``).
+        self.model_key = resolved.key
         self._tokenizer, self._pad_id = _load_tokenizer(
             self.model_dir / TOKENIZER_FILE, self.max_length
         )

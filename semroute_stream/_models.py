@@ -118,6 +118,16 @@ class ResolvedModel:
     source: str
     #: The resolved Hub commit (hub models only).
     revision: str | None = None
+    #: Directory models: a hash of the weights file's path, size and modification time, so
+    #: that two directories of the same name (a model tuned again, say) are told apart.
+    fingerprint: str | None = None
+
+    @property
+    def key(self) -> str:
+        """The model's identity in cache keys (the route head's): the name, plus the Hub
+        commit or the directory's fingerprint."""
+        suffix = self.revision or self.fingerprint
+        return f"{self.name}@{suffix}" if suffix else self.name
 
 
 def resolve_model(config: EncoderConfig) -> ResolvedModel:
@@ -204,12 +214,24 @@ def _from_directory(path: Path, config: EncoderConfig, cache_root: Path) -> Reso
     name = path.resolve().name
     if (path / MODEL_FILE).is_file():
         _check_sha256(path / MODEL_FILE, config.sha256)
-        return ResolvedModel(path, name, _pooling(path, config), "directory")
+        return ResolvedModel(
+            path,
+            name,
+            _pooling(path, config),
+            "directory",
+            fingerprint=_identity(path / MODEL_FILE),
+        )
     if (path / ONNX_FILE).is_file():  # the Hub layout: onnx/model.onnx beside tokenizer.json
         _check_sha256(path / ONNX_FILE, config.sha256)
         key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
         links = _link_dir(cache_root / "dirs" / f"{name}-{key}", path)
-        return ResolvedModel(links, name, _pooling(path, config), "directory")
+        return ResolvedModel(
+            links,
+            name,
+            _pooling(path, config),
+            "directory",
+            fingerprint=_identity(path / ONNX_FILE),
+        )
     raise ModelError(
         f"model directory {path} has no {MODEL_FILE} (nor {ONNX_FILE}); "
         f"it needs {MODEL_FILE} + {TOKENIZER_FILE}"
@@ -495,6 +517,13 @@ def _read_json(path: Path) -> Any:
         return json.loads(text)
     except ValueError as exc:
         raise ModelError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def _identity(path: Path) -> str:
+    """A hash of a file's resolved path, size and modification time (cheap: no read)."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def _weights_package_installed() -> bool:

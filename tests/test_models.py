@@ -361,7 +361,12 @@ def test_directory_models(
     (flat / "model.onnx").symlink_to(default_build / "model.onnx")
     (flat / "tokenizer.json").symlink_to(default_build / "tokenizer.json")
     resolved = resolve_model(EncoderConfig(model=str(flat)))
-    assert resolved == ResolvedModel(flat, "flat", None, "directory", None)
+    fingerprint = resolved.fingerprint
+    assert resolved == ResolvedModel(flat, "flat", None, "directory", None, fingerprint)
+    # The head cache's key: the name plus a hash of the weights file's path, size and mtime,
+    # so that another directory of the same name (a model tuned again) is told apart.
+    assert fingerprint is not None and len(fingerprint) == 16
+    assert resolved.key == f"flat@{fingerprint}"
 
     # The Hub layout: onnx/model.onnx beside tokenizer.json, pooling from 1_Pooling.
     layout = tmp_path / "hub-layout"

@@ -1,5 +1,5 @@
 """The ``semroute-stream`` command line: run (the Kafka service), replay, check, topics create,
-promote, publish, embed, eval, fit, route, import-routes, schema and stub-llm.
+promote, publish, embed, eval, fit, route, tune, import-routes, schema and stub-llm.
 
 One ``cmd_*`` function per subcommand (``serve`` and ``offline``), registered here in
 ``build_parser()``; a new subcommand is one more ``add_parser`` and one more function.
@@ -37,6 +37,7 @@ from .serve import (
     cmd_run,
     cmd_topics_create,
 )
+from .tune import add_tune
 
 __all__ = ["LOG_LEVELS", "build_parser", "main"]
 
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub, common, methods)
     _add_fit(sub, common, methods)
     _add_route(sub, common, methods)
+    _add_tune(sub)
     _add_import_routes(sub)
     _add_schema(sub)
     _add_stub_llm(sub)
@@ -342,6 +344,10 @@ def _add_route(sub: Any, common: argparse.ArgumentParser, methods: Sequence[str]
     p.add_argument("--max-text-chars", type=_positive, default=8_000)
     p.add_argument("--method", choices=methods, help="override the routes file's method")
     p.set_defaults(func=cmd_route)
+
+
+def _add_tune(sub: Any) -> None:
+    add_tune(sub)  # its options and cmd_tune live in _cli/tune.py
 
 
 def _add_import_routes(sub: Any) -> None:

@@ -190,7 +190,7 @@ def fit_file(
                 routes,
                 router.utterance_embeddings,
                 names,
-                model_name=router.encoder.model_name,
+                model_name=router.model_key,
                 cache_dir=router.cache_dir,
             )
     base = compile_table(routes, router.utterance_embeddings, method="max")
@@ -256,7 +256,7 @@ def fit_adding_utterances(
         augmented,
         utterance_embeddings,
         names,
-        model_name=router.encoder.model_name,
+        model_name=router.model_key,
         cache_dir=router.cache_dir,
     )
     fitted = resolution.record(augmented)
@@ -313,7 +313,7 @@ def _write_and_evaluate(
         written,
         utterance_embeddings,
         names,
-        model_name=router.encoder.model_name,
+        model_name=router.model_key,
         cache_dir=router.cache_dir,
     )
     return written, evaluate(resolved.table, embeddings, data.labels, data.texts)

@@ -30,6 +30,7 @@ __all__ = [
     "TextEncoder",
     "auto_without_head",
     "compile_table",
+    "head_model_key",
     "head_texts",
     "needs_head",
     "resolve_routes",
@@ -213,6 +214,14 @@ def needs_head(routes: RoutesConfig) -> bool:
     return routes.method == "auto" and auto_without_head(routes) is None
 
 
+def head_model_key(encoder: TextEncoder) -> str:
+    """The model in the head's cache key: the encoder's ``model_key`` when it has one (the
+    encoder's: the name plus the Hub commit or the model directory's fingerprint, so that a
+    tuned model never reuses another model's head), else its ``model_name``."""
+    key = getattr(encoder, "model_key", None)
+    return key if isinstance(key, str) and key else encoder.model_name
+
+
 def head_texts(routes: RoutesConfig) -> list[str]:
     """The extra training texts of the head: the route names, when ``use_names``."""
     return [name_text(route.name) for route in routes.routes] if routes.head.use_names else []
@@ -387,6 +396,7 @@ class Router:
         it elsewhere, e.g. in another process)."""
         self.routes = routes
         self.encoder = encoder
+        self.model_key = head_model_key(encoder)
         texts = utterances_of(routes)
         extra = head_texts(routes) if needs_head(routes) else []
         embeddings = encoder.encode(texts + extra)
@@ -399,7 +409,7 @@ class Router:
             routes,
             self.utterance_embeddings,
             name_embeddings,
-            model_name=encoder.model_name,
+            model_name=self.model_key,
             cache_dir=directory,
         )
         self.table = self.resolution.table
