@@ -390,7 +390,9 @@ def peak_probe(threads: int, seconds: float) -> dict[str, Any]:
         except Exception as exc:  # pragma: no cover - onnx missing
             out[f"onnxruntime_f32_{shape_name}"] = f"unavailable: {exc}"
     try:
-        import openvino as ov
+        from semroute_stream._backends import import_openvino
+
+        ov = import_openvino()  # without its telemetry, as the product imports it
         from openvino import opset13 as ops
 
         core = ov.Core()
@@ -842,7 +844,7 @@ DEFAULT_SECTIONS = ("peak", "backends")
 def machine_info() -> dict[str, Any]:
     import onnxruntime
 
-    from semroute_stream._backends import available_backends, cpu_features
+    from semroute_stream._backends import available_backends, cpu_features, import_openvino
 
     info: dict[str, Any] = {
         "cpus": os.cpu_count(),
@@ -853,9 +855,7 @@ def machine_info() -> dict[str, Any]:
         "onnxruntime": onnxruntime.__version__,
     }
     try:
-        import openvino
-
-        info["openvino"] = openvino.__version__
+        info["openvino"] = import_openvino().__version__
     except ImportError:
         info["openvino"] = None
     info["available_backends"] = list(available_backends())

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import platform
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,6 +237,22 @@ class OrtBackend:
         return np.asarray(raw, dtype=np.float32)
 
 
+def import_openvino() -> Any:
+    """``import openvino``, without its telemetry.
+
+    Importing openvino starts its model converter's telemetry (``openvino_telemetry``): unless
+    the user opted out, it writes ``~/intel/`` and sends usage events from a process forked off
+    the importing one. A router has no business phoning home, and a fork of a process that
+    already runs inference and event-loop threads is the kind that deadlocks or crashes. With
+    the telemetry package marked missing, openvino uses the no-op stub it ships for that case.
+    An application that imported ``openvino_telemetry`` itself keeps it.
+    """
+    sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
+    import openvino
+
+    return openvino
+
+
 class OpenVinoBackend:
     """OpenVINO's CPU plugin on the same ONNX file, fp32 or bf16; one infer request per thread."""
 
@@ -243,7 +260,7 @@ class OpenVinoBackend:
 
     def __init__(self, path: Path, *, threads: int, precision: str) -> None:
         try:
-            import openvino as ov
+            ov = import_openvino()
         except ImportError as exc:
             raise ModelError(f"encoder.backend openvino is not installed: {OPENVINO_HINT}") from exc
         self.path = path

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -261,3 +264,39 @@ def test_probe_verdict_is_cached(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     opened.clear()
     third = Encoder(EncoderConfig(cache_dir=tmp_path, backend="openvino"))
     assert opened == ["fp32", "bf16"] and third.fidelity == first.fidelity
+
+
+NO_PHONE_HOME = """
+import json, os, sys
+forks = []
+os.register_at_fork(before=lambda: forks.append(1))
+from semroute_stream._encoder import Encoder, EncoderConfig
+encoder = Encoder(EncoderConfig(backend="openvino", precision="fp32", cache_dir=sys.argv[1]))
+vectors = encoder.encode(["where is my parcel", "refund my card payment"])
+print(json.dumps({
+    "shape": list(vectors.shape),
+    "forks": len(forks),
+    "telemetry": sys.modules.get("openvino_telemetry") is not None,
+    "home": sorted(os.listdir(os.environ["HOME"])),
+}))
+"""
+
+
+def test_openvino_is_loaded_without_its_telemetry(model_cache: Path, tmp_path: Path) -> None:
+    """Importing openvino starts its telemetry (files under ~/intel, usage events sent from a
+    forked process) unless the user opted out: the router loads it with the telemetry off."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home)}
+    env.pop("CI", None)  # the telemetry stays off in CI by itself: test the ordinary case
+    out = subprocess.run(
+        [sys.executable, "-c", NO_PHONE_HOME, str(model_cache)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["shape"] == [2, 384]
+    assert seen == {"shape": [2, 384], "forks": 0, "telemetry": False, "home": []}
