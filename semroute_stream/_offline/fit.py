@@ -28,9 +28,9 @@ from .._routing.schema import (
     save_routes,
 )
 from .evaluate import evaluate
+from .fit_routes import fit_routes
 from .labelled import Labelled, label_indices
 from .thresholds import DEFAULT_OBJECTIVE, DEFAULT_OOS_RATE, Objective, row_weights
-from .tune import fit_routes
 
 __all__ = [
     "AddUtterances",
