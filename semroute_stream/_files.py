@@ -15,7 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_copy", "atomic_output", "atomic_write_bytes", "default_cache_root"]
+__all__ = [
+    "atomic_copy",
+    "atomic_output",
+    "atomic_write_bytes",
+    "default_cache_root",
+    "file_stamp",
+]
 
 
 def default_cache_root() -> Path:
@@ -66,3 +72,13 @@ def atomic_copy(src: Path, dst: Path, *, durable: bool = False, mode: int | None
     """Copy ``src`` to ``dst`` atomically (see :func:`atomic_output`)."""
     with atomic_output(dst, durable=durable, mode=mode) as out, src.open("rb") as inp:
         shutil.copyfileobj(inp, out)
+
+
+def file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """``(mtime_ns, size, inode)`` of a file, None when it cannot be read: a change of any
+    means the file was written or replaced (what the routes watchers compare)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino

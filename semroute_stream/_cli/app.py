@@ -19,6 +19,7 @@ from .._offline.thresholds import DEFAULT_OBJECTIVE, DEFAULT_OOS_RATE, OBJECTIVE
 from .._routing.importers import IMPORT_FORMATS
 from .._routing.schema import ROUTES_METHODS
 from .._schemas import SCHEMA_NAMES
+from .arguments import positive_int
 from .offline import (
     ENCODE_BATCH,
     cmd_embed,
@@ -63,13 +64,6 @@ def _common_options() -> argparse.ArgumentParser:
         help="default auto: bf16 on CPUs with native bf16 units when the model passes the probe",
     )
     return common
-
-
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return number
 
 
 def _oos_rate(value: str) -> float:
@@ -122,7 +116,7 @@ def _add_run(sub: Any) -> None:
     )
     p.add_argument("--config", required=True, help="service config (YAML)")
     p.add_argument(
-        "--max-messages", type=_positive, help="stop (after draining) once N messages are taken"
+        "--max-messages", type=positive_int, help="stop (after draining) once N messages are taken"
     )
     p.add_argument(
         "--idle-timeout",
@@ -181,10 +175,10 @@ def _add_topics(sub: Any) -> None:
         "exist already are reported and left as they are.",
     )
     c.add_argument("--config", required=True, help="service config (YAML)")
-    c.add_argument("--partitions", type=_positive, default=3, help="default 3")
+    c.add_argument("--partitions", type=positive_int, default=3, help="default 3")
     c.add_argument(
         "--replication-factor",
-        type=_positive,
+        type=positive_int,
         help="default: 3, or the number of brokers when there are fewer",
     )
     c.set_defaults(func=cmd_topics_create)
@@ -200,7 +194,7 @@ def _add_overlay(sub: Any) -> None:
     )
     actions = p.add_subparsers(dest="overlay_command", required=True, metavar="ACTION")
     show = actions.add_parser("show", help="version, entries per label, latest entries")
-    show.add_argument("--recent", type=_positive, default=10, help="latest entries (10)")
+    show.add_argument("--recent", type=positive_int, default=10, help="latest entries (10)")
     export = actions.add_parser("export", help="write the routes file plus the overlay")
     export.add_argument("--output", "-o", required=True, help="routes file to write")
     back = actions.add_parser("rollback", help="return the overlay to an earlier version")
@@ -253,7 +247,7 @@ def _add_embed(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--input", help="JSONL file with a text field (default: lines on stdin)")
     p.add_argument("--output", help="output file (default: stdout)")
     p.add_argument("--text-field", default="text")
-    p.add_argument("--batch-size", type=_positive, default=ENCODE_BATCH)
+    p.add_argument("--batch-size", type=positive_int, default=ENCODE_BATCH)
     p.set_defaults(func=cmd_embed)
 
 
@@ -294,7 +288,7 @@ def _add_fit(sub: Any, common: argparse.ArgumentParser, methods: Sequence[str]) 
     )
     p.add_argument(
         "--min-support",
-        type=_positive,
+        type=positive_int,
         default=5,
         help="labelled rows a route needs to get its own threshold (default 5)",
     )
@@ -338,10 +332,10 @@ def _add_route(sub: Any, common: argparse.ArgumentParser, methods: Sequence[str]
     p.add_argument("--input", required=True, help="JSONL file of queries")
     p.add_argument("--output", required=True, help="routed JSONL to write")
     p.add_argument("--rejects", help="bad lines go here (default: OUTPUT.rejects.jsonl)")
-    p.add_argument("--batch-size", type=_positive, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--text-field", default="text")
     p.add_argument("--id-field", default="id")
-    p.add_argument("--max-text-chars", type=_positive, default=8_000)
+    p.add_argument("--max-text-chars", type=positive_int, default=8_000)
     p.add_argument("--method", choices=methods, help="override the routes file's method")
     p.set_defaults(func=cmd_route)
 

@@ -18,6 +18,7 @@ from .._offline.finetune import TuneRefused, TuneRequest, run_tune
 from .._offline.labelled import load_labelled
 from .._offline.tune_train import TrainSettings
 from .._routing.schema import load_routes
+from .arguments import positive_float, positive_int
 from .report import print_json_last
 
 __all__ = ["add_tune", "cmd_tune"]
@@ -31,20 +32,6 @@ def _fraction(value: str) -> float:
     number = float(value)
     if not 0.0 <= number < 1.0:
         raise argparse.ArgumentTypeError("must be in [0, 1)")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    number = float(value)
-    if not number > 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return number
-
-
-def _count(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
     return number
 
 
@@ -68,23 +55,23 @@ def add_tune(sub: Any) -> None:
     )
     p.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="default 0")
     p.add_argument(
-        "--epochs", type=_positive_float, default=_DEFAULTS.epochs, help=f"{_DEFAULTS.epochs}"
+        "--epochs", type=positive_float, default=_DEFAULTS.epochs, help=f"{_DEFAULTS.epochs}"
     )
     p.add_argument(
         "--learning-rate",
-        type=_positive_float,
+        type=positive_float,
         default=_DEFAULTS.learning_rate,
         help=f"peak AdamW rate (default {_DEFAULTS.learning_rate})",
     )
     p.add_argument(
         "--routes-per-batch",
-        type=_count,
+        type=positive_int,
         default=_DEFAULTS.routes_per_batch,
         help=f"routes in a batch (default {_DEFAULTS.routes_per_batch})",
     )
     p.add_argument(
         "--per-route",
-        type=_count,
+        type=positive_int,
         default=_DEFAULTS.per_route,
         help=f"texts of each route in a batch (default {_DEFAULTS.per_route})",
     )

@@ -13,9 +13,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Protocol
 
+from .._files import file_stamp
 from .._routing.router import Router
 from .._routing.schema import RoutesConfig, load_routes, routes_version
 from .observe import Metrics
@@ -91,7 +91,7 @@ class LiveRoutes:
                 await asyncio.wait_for(self._wanted.wait(), interval)
             forced = self._wanted.is_set()
             self._wanted.clear()
-            stamp = _stamp(self.settings.routes)
+            stamp = file_stamp(self.settings.routes)
             if forced or stamp != self._stamp:
                 self._stamp = stamp
                 await self.reload()
@@ -152,11 +152,3 @@ class LiveRoutes:
             self.router = router
         self._metrics.routes.info({"version": router.version})
         return True
-
-
-def _stamp(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_size, st.st_ino

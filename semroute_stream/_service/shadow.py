@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .._errors import ConfigError
-from .._files import atomic_copy, atomic_write_bytes
+from .._files import atomic_copy, atomic_write_bytes, file_stamp
 from .._routing.decision import Decisions
 from .._routing.router import Router, TextEncoder
 from .._routing.schema import RoutesConfig, load_routes, routes_version
@@ -53,7 +53,7 @@ class ShadowRoutes:
         self.settings = settings
         self.router = router
         self._metrics = metrics
-        self._stamp = _stamp(self.path)
+        self._stamp = file_stamp(self.path)
         metrics.shadow_routes.info({"version": router.version})
 
     @classmethod
@@ -69,7 +69,7 @@ class ShadowRoutes:
     async def check(self, forced: bool, lock: asyncio.Lock) -> bool:
         """Reload the candidate if its file changed (or ``forced``); swap it in under ``lock``
         (between two batches). Whether a new version went live."""
-        stamp = _stamp(self.path)
+        stamp = file_stamp(self.path)
         if not forced and stamp == self._stamp:
             return False
         self._stamp = stamp
@@ -172,11 +172,3 @@ def promote(settings: Settings, *, backup: bool = True) -> Promoted:
     atomic_write_bytes(live, data, durable=True, mode=mode)
     os.utime(live)  # a new mtime even when the copy kept the candidate's
     return Promoted(live, candidate, saved, old_version, routes_version(routes))
-
-
-def _stamp(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_size, st.st_ino

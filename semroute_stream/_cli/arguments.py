@@ -1,0 +1,21 @@
+"""argparse value types shared by the subcommands' parsers (``app.py``, ``tune.py``)."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["positive_float", "positive_int"]
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return number
+
+
+def positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return number
