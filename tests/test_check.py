@@ -112,3 +112,39 @@ async def test_check_names_the_review_and_shadow_topics_and_the_candidate(
     candidate.write_text("routes: [")
     code, found = await _check(settings_yaml(settings, tmp_path / "c.yaml"))
     assert any(line.startswith("shadow ") for line in _lines(found, "FAIL"))
+
+
+@pytest.mark.kafka
+async def test_check_names_the_learning_topics(
+    kafka_bootstrap: str, new_topic: Any, tmp_path: Path
+) -> None:
+    """With learning on, the corrections and overlay topics are checked: missing ones fail
+    (unless created at start-up), an overlay of more than one partition fails."""
+    topic = await new_topic(partitions=1)
+    overlay = await new_topic(partitions=2)
+    settings = make_settings(
+        tmp_path,
+        kafka_bootstrap,
+        topic,
+        mode="route_only",
+        learning={"enabled": True, "overlay_topic": overlay},
+        output={"create_topics": False},
+    )
+    code, found = await _check(settings_yaml(settings, tmp_path / "l.yaml"))
+    assert code == 1
+    failed = _lines(found, "FAIL")
+    assert f"topic {topic}.corrections (corrections): does not exist" in failed
+    assert f"topic {overlay} (overlay): 2 partitions, needs 1" in failed
+
+    created = settings.model_copy(
+        update={
+            "learning": settings.learning.model_copy(update={"overlay_topic": None}),
+            "output": settings.output.model_copy(update={"create_topics": True}),
+        }
+    )
+    code, found = await _check(settings_yaml(created, tmp_path / "l2.yaml"))
+    failed = _lines(found, "FAIL")
+    assert not [line for line in failed if "(overlay)" in line or "(corrections)" in line]
+    assert f"topic {topic}.overlay (overlay): created at start-up (output.create_topics)" in (
+        _lines(found, "ok")
+    )

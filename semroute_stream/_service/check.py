@@ -148,6 +148,10 @@ async def _check_broker(settings: Settings, routes: RoutesConfig | None, note: N
     wanted += [(t, f"parked messages of endpoint {e}") for t, e in settings.retry_topics().items()]
     audit = set(audit_topics(settings))
     wanted += [(t, "review / shadow records") for t in sorted(audit)]
+    learning: dict[str, str] = {}
+    if settings.learning.enabled:
+        learning = {settings.corrections_topic: "corrections", settings.overlay_topic: "overlay"}
+        wanted += list(learning.items())
     servers = settings.kafka.bootstrap_servers
     try:
         found = await asyncio.wait_for(
@@ -163,7 +167,7 @@ async def _check_broker(settings: Settings, routes: RoutesConfig | None, note: N
     ops = await _operations(settings, [t for t, _ in wanted if t in found], note)
     retries = settings.retry_topics()
     for topic, role in wanted:
-        need = "read" if role == "input" else "write"
+        need = "read" if role in ("input", "corrections") else "write"
         if topic in found and ops is not None and topic in ops and need not in ops[topic]:
             note(
                 "FAIL",
@@ -171,9 +175,13 @@ async def _check_broker(settings: Settings, routes: RoutesConfig | None, note: N
                 f"{topic} ({role}): topic authorization failed: this principal may not "
                 f"{need} it (check the topic's ACLs)",
             )
+        elif role == "overlay" and topic in found and len(found[topic]) != 1:
+            note("FAIL", "topic", f"{topic} (overlay): {len(found[topic])} partitions, needs 1")
         elif topic in found:
             note("ok", "topic", f"{topic} ({role}): {len(found[topic])} partition(s)")
-        elif (topic in retries or topic in audit) and out.create_topics:  # made at start-up
+        elif (
+            topic in retries or topic in audit or topic in learning
+        ) and out.create_topics:  # made at start-up
             note("ok", "topic", f"{topic} ({role}): created at start-up (output.create_topics)")
         else:
             note("FAIL", "topic", f"{topic} ({role}): does not exist")
