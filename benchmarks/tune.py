@@ -179,7 +179,15 @@ def encoder_for(args: argparse.Namespace, model: str | None = None) -> Encoder:
 
 
 def tune_args(args: argparse.Namespace) -> list[str]:
-    return [] if args.epochs is None else ["--epochs", str(args.epochs)]
+    out: list[str] = []
+    for flag, value in (
+        ("--epochs", args.epochs),
+        ("--learning-rate", args.learning_rate),
+        ("--temperature", args.temperature),
+    ):
+        if value is not None:
+            out += [flag, str(value)]
+    return out
 
 
 def run_clinc(args: argparse.Namespace, work: Path, base: Encoder) -> dict[str, Any]:
@@ -243,6 +251,8 @@ def main() -> None:
         "--sides", nargs="+", choices=["tune_a_eval_b", "tune_b_eval_a"], help="banking77"
     )
     parser.add_argument("--epochs", type=float, help="passed to tune (default: its own)")
+    parser.add_argument("--learning-rate", type=float, help="passed to tune (default: its own)")
+    parser.add_argument("--temperature", type=float, help="passed to tune (default: its own)")
     parser.add_argument("--backend", choices=["auto", "onnxruntime", "openvino"])
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"])
     args = parser.parse_args()

@@ -204,9 +204,10 @@ def test_guard_refuses_a_worse_model_and_writes_nothing(
     assert "worse on the held-out utterances" in captured.err and "nothing written" in captured.err
     assert "guard: refused" in captured.out
     assert list(tmp_path.iterdir()) == [routes_file]  # no model, no temporary directory
-    assert _cli.main([*absurd, "--force"]) == 0
+    assert _cli.main([*absurd, "--temperature", "0.1", "--force"]) == 0
     card = json.loads((out / "tune.json").read_text(encoding="utf-8"))
     assert card["guard"]["passed"] is False and "--force" in card["guard"]["verdict"]
+    assert card["settings"]["temperature"] == 0.1
 
 
 def test_out_that_is_not_a_tune_output_is_refused_before_training(

@@ -64,6 +64,12 @@ def add_tune(sub: Any) -> None:
         help=f"peak AdamW rate (default {_DEFAULTS.learning_rate})",
     )
     p.add_argument(
+        "--temperature",
+        type=positive_float,
+        default=_DEFAULTS.temperature,
+        help=f"contrastive loss temperature (default {_DEFAULTS.temperature})",
+    )
+    p.add_argument(
         "--routes-per-batch",
         type=positive_int,
         default=_DEFAULTS.routes_per_batch,
@@ -146,6 +152,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         routes_per_batch=args.routes_per_batch,
         per_route=args.per_route,
         learning_rate=args.learning_rate,
+        temperature=args.temperature,
         seed=args.seed,
     )
     request = TuneRequest(
