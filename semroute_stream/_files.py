@@ -8,6 +8,7 @@ temporary file and re-raises.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ __all__ = [
     "atomic_write_bytes",
     "default_cache_root",
     "file_stamp",
+    "sha256_file",
 ]
 
 
@@ -82,3 +84,12 @@ def file_stamp(path: Path) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+def sha256_file(path: Path) -> str:
+    """The file's sha256, hex, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -32,7 +32,6 @@ serialised with a lock file, so concurrent processes never see a half-written mo
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 import re
@@ -45,7 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._errors import ModelError
-from ._files import atomic_copy, atomic_write_bytes, default_cache_root
+from ._files import atomic_copy, atomic_write_bytes, default_cache_root, sha256_file
 
 __all__ = [
     "BUILDABLE_MODEL_TYPES",
@@ -180,14 +179,6 @@ def locate_weights_dir() -> Path:
                 f"reinstall it with `{_INSTALL_HINT}`"
             )
     return model_dir
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --- graph construction --------------------------------------------------------------------
@@ -449,7 +440,7 @@ def build_minilm_onnx(
     if not weights_path.is_file():
         raise ModelError(f"weights file {weights_path} does not exist")
     if expected_sha256 is not None:
-        actual = _sha256_file(weights_path)
+        actual = sha256_file(weights_path)
         if actual != expected_sha256.lower():
             raise ModelError(
                 f"weights file {weights_path} has sha256 {actual}, expected {expected_sha256}: "
@@ -575,11 +566,11 @@ def provision_default_model(cache_dir: Path | None = None) -> Path:
                 "files": {
                     MODEL_FILE: {
                         "size": model_path.stat().st_size,
-                        "sha256": _sha256_file(model_path),
+                        "sha256": sha256_file(model_path),
                     },
                     TOKENIZER_FILE: {
                         "size": (target / TOKENIZER_FILE).stat().st_size,
-                        "sha256": _sha256_file(target / TOKENIZER_FILE),
+                        "sha256": sha256_file(target / TOKENIZER_FILE),
                     },
                 },
             }

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._errors import ModelError
-from ._files import atomic_copy, default_cache_root
+from ._files import atomic_copy, default_cache_root, sha256_file
 from ._model_build import (
     BUILD_VERSION,
     DEFAULT_MODEL_ID,
@@ -49,7 +49,6 @@ from ._model_build import (
     WEIGHTS_SHA256,
     BertArch,
     _build_lock,
-    _sha256_file,
     build_bert_onnx,
     locate_weights_dir,
     provision_default_model,
@@ -381,7 +380,7 @@ def _build_from_safetensors(
         with _build_lock(target):
             if _built_ok(target, expected):
                 return target
-            actual = _sha256_file(weights)
+            actual = sha256_file(weights)
             _check_sha256(weights, expected, label=repo_id, actual=actual)
             (target / MARKER_FILE).unlink(missing_ok=True)
             # The default model's checkpoint gets the default graph, byte for byte.
@@ -487,7 +486,7 @@ def _check_sha256(
     """Raise :class:`ModelError` unless ``path``'s sha256 (or ``actual``) is ``expected``."""
     if expected is None:
         return
-    actual = actual or _sha256_file(path)
+    actual = actual or sha256_file(path)
     if actual != expected.lower():
         where = f"{label}: " if label else ""
         raise ModelError(

@@ -14,7 +14,7 @@ import pytest
 
 from semroute_stream import _model_build as mb
 from semroute_stream._errors import ModelError
-from semroute_stream._files import default_cache_root
+from semroute_stream._files import default_cache_root, sha256_file
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +87,7 @@ def test_onnxruntime_fuses_gelu_and_scaled_matmul(model_dir: Path, tmp_path: Pat
 
 def test_weights_sha256_constant_matches_installed_package() -> None:
     path = mb.locate_weights_dir() / "model.safetensors"
-    assert mb._sha256_file(path) == mb.WEIGHTS_SHA256
+    assert sha256_file(path) == mb.WEIGHTS_SHA256
 
 
 def test_cache_reuse_does_not_rebuild(

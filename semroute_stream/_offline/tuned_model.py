@@ -18,7 +18,6 @@ An existing ``MODEL_DIR`` is only replaced when it is an earlier ``tune`` output
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -30,10 +29,10 @@ from typing import Any
 import numpy as np
 
 from .._errors import ConfigError
-from .._files import atomic_copy, atomic_write_bytes
+from .._files import atomic_copy, atomic_write_bytes, sha256_file
 from .._model_build import BertArch, build_bert_onnx
 
-__all__ = ["CARD_FILE", "COPIED_FILES", "sha256_file", "write_model_dir"]
+__all__ = ["CARD_FILE", "COPIED_FILES", "write_model_dir"]
 
 CARD_FILE = "tune.json"
 #: Files of the base model copied as they are (those it has).
@@ -48,14 +47,6 @@ COPIED_FILES = (
     "config_sentence_transformers.json",
     "1_Pooling/config.json",
 )
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_target(out: Path) -> None:
