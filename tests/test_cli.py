@@ -6,6 +6,7 @@ ones run the installed command on the real all-MiniLM-L6-v2 encoder.
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -156,6 +157,7 @@ def test_route_writes_good_lines_and_rejects_bad_ones(
     src = files["dir"] / "in.jsonl"
     src.write_bytes(b"\n".join(BAD_AND_GOOD_LINES) + b"\n")
     out_path = files["dir"] / "out" / "routed.jsonl"
+    out_path.parent.mkdir()  # route creates no folder (a typo in --output must not make one)
     argv = ["route", "--routes", str(files["routes"]), "--input", str(src)]
     code, out, err = run([*argv, "--output", str(out_path), "--batch-size", "2"], capsys)
     assert code == 0
@@ -193,8 +195,61 @@ def test_route_writes_good_lines_and_rejects_bad_ones(
         [*argv, "--output", str(out_path), "--rejects", str(custom), "--text-field", "nope"],
         capsys,
     )
-    assert code == 0 and out_path.read_text() == ""
+    # every line rejected: exit 1, saying so
+    assert code == 1 and out_path.read_text() == ""
     assert len(custom.read_text().splitlines()) == len(BAD_AND_GOOD_LINES)
+
+
+def test_route_text_lines_reject_rate_and_missing_folder(
+    fake: FakeEncoder, files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = files["dir"] / "plain.txt"
+    src.write_text("my parcel is late\nreset my password please\n\n")
+    out_path = files["dir"] / "plain.routed.jsonl"
+    argv = ["route", "--routes", str(files["routes"]), "--input", str(src)]
+    # Plain text read as JSON: every line rejected -> exit 1 with the hint.
+    code, _, err = run([*argv, "--output", str(out_path)], capsys)
+    assert code == 1
+    assert "every line rejected (3 of 3) (plain text lines? add --text)" in err
+    # --text: the lines are the queries (the blank one is still rejected).
+    code, out, err = run([*argv, "--output", str(out_path), "--text"], capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in out_path.read_text().splitlines()]
+    assert [(r["line"], r["text"], r["route"]) for r in rows] == [
+        (1, "my parcel is late", "shipping"),
+        (2, "reset my password please", "login"),
+    ]
+    assert "routed 2 of 3 lines" in out
+    # 1 of 3 rejected: over a 0.2 limit, within a 0.5 one.
+    code, _, err = run(
+        [*argv, "--output", str(out_path), "--text", "--max-reject-rate", "0.2"], capsys
+    )
+    assert code == 1 and "more than 20.0% of the lines rejected (1 of 3)" in err
+    code, _, _ = run(
+        [*argv, "--output", str(out_path), "--text", "--max-reject-rate", "0.5"], capsys
+    )
+    assert code == 0
+    # A missing folder: exit 2 naming it, nothing created.
+    missing = files["dir"] / "missing" / "dir" / "o.jsonl"
+    code, _, err = run([*argv, "--output", str(missing), "--text"], capsys)
+    assert code == 2 and f"its directory {missing.parent} does not exist" in err
+    assert not (files["dir"] / "missing").exists()
+
+
+def test_version_and_help_texts(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        _cli.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("semroute-stream 0.")
+    subcommands = next(
+        a for a in _cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    for command in ("route", "embed", "replay", "fit", "stub-llm"):
+        parser = subcommands.choices[command]
+        assert parser.description or command == "stub-llm", f"{command} has no description"
+        for action in parser._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{command} {action.option_strings[0]} has no help text"
 
 
 def test_embed_from_stdin_and_from_jsonl(

@@ -33,3 +33,17 @@ def test_settings_table_is_current() -> None:
 def test_readme_names_the_test_command_ci_runs() -> None:
     assert "make test" in (ROOT / "README.md").read_text(encoding="utf-8")
     assert "make test" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+
+
+def test_the_shipped_labelled_example_fits_the_example_routes() -> None:
+    """README's `eval` example: every label names a route of config/routes.example.yaml, every
+    route has rows, and some rows have no route (the fallback is measured too)."""
+    from semroute_stream import load_routes
+    from semroute_stream._offline.labelled import load_labelled
+
+    routes = load_routes(ROOT / "config" / "routes.example.yaml")
+    data = load_labelled(
+        ROOT / "semroute_stream" / "examples" / "tickets.labelled.jsonl", routes.names
+    )
+    assert set(data.labels) - {None} == set(routes.names)
+    assert data.labels.count(None) >= 5

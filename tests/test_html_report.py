@@ -165,6 +165,33 @@ def test_eval_html_in_process(
     assert list(tmp_path.joinpath("out").iterdir()) == [page]  # atomic: no temporary left
 
 
+def test_eval_html_has_the_text_outputs_tables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The method comparison (method auto) and the overlapping route pairs, as eval prints."""
+    monkeypatch.setattr(_cli_offline, "make_encoder", lambda args: FakeEncoder())
+    page = tmp_path / "report.html"
+    routes = {**ROUTES, "method": "auto"}
+    argv = ["eval", *_files(tmp_path, routes, LABELLED), "--json", "--html", str(page)]
+    assert _cli.main(argv) == 0
+    figures = json.loads(capsys.readouterr().out.splitlines()[-1])
+    html = page.read_text(encoding="utf-8")
+    methods = html[html.index('id="methods"') :]
+    assert figures["methods"] and methods.count("<tr>") == 1 + len(figures["methods"])
+    for row in figures["methods"]:
+        assert f'<td class="route">{row["candidate"]}' in methods
+        assert f'<td class="n">{_fmt(row["top1_accuracy"])}</td>' in methods
+    assert methods.count("&larr; auto") == 1
+    overlaps = html[html.index('id="overlapping-routes"') : html.index('id="methods"')]
+    for o in figures.get("overlapping_routes") or []:
+        assert f"{o['routes'][0]} ~ {o['routes'][1]}" in overlaps
+    assert ("<table>" in overlaps) == bool(figures.get("overlapping_routes"))
+    # method max: no comparison, so no such table
+    argv = ["eval", *_files(tmp_path, ROUTES, LABELLED), "--html", str(page)]
+    assert _cli.main(argv) == 0
+    assert 'id="methods"' not in page.read_text(encoding="utf-8")
+
+
 def test_a_missing_report_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ConfigError, match=r"pip install 'semroute-stream\[report\]'"):

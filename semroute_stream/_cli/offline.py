@@ -203,7 +203,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "model": encoder.model_name,
     }
     if args.html:
-        _write_html(Path(args.html), figures, meta)
+        _write_html(Path(args.html), figures, meta, comparison, chosen_label(router))
     if args.json:
         print_json_last(
             {
@@ -223,12 +223,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 _HTML_ONLY = ("confusion_matrix", "fallback_curve")  # evaluate's detail: the page's, not JSON
 
 
-def _write_html(path: Path, figures: dict[str, Any], meta: dict[str, Any]) -> None:
+def _write_html(
+    path: Path,
+    figures: dict[str, Any],
+    meta: dict[str, Any],
+    methods: list[dict[str, Any]] | None,
+    chosen: str,
+) -> None:
     """The HTML report, written atomically."""
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    page = render_html(figures, {**meta, "generated": generated}).encode("utf-8")
-    atomic_write_bytes(path, page, mode=0o644)
-    print(f"html report: {path} ({len(page) / 1024:.0f} KiB)")
+    page = render_html(figures, {**meta, "generated": generated}, methods, chosen)
+    page_bytes = page.encode("utf-8")
+    atomic_write_bytes(path, page_bytes, mode=0o644)
+    print(f"html report: {path} ({len(page_bytes) / 1024:.0f} KiB)")
 
 
 def _authoring_aids(
@@ -277,8 +284,11 @@ def cmd_route(args: argparse.Namespace) -> int:
     routes = _load_routes(args)
     if not os.path.isfile(args.input):
         raise ConfigError(f"no such input file: {args.input}")
-    router = Router(routes, make_encoder(args))
     rejects = Path(args.rejects) if args.rejects else default_rejects_path(args.output)
+    for path in (Path(args.output), rejects):
+        if not path.parent.is_dir():
+            raise ConfigError(f"{path}: its directory {path.parent} does not exist")
+    router = Router(routes, make_encoder(args))
 
     def on_reject(line: int, err: InputError) -> None:
         print(f"{args.input}:{line}: rejected: {err.kind}: {err.reason}", file=sys.stderr)
@@ -291,6 +301,7 @@ def cmd_route(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         text_field=args.text_field,
         id_field=args.id_field,
+        format="text" if args.text else "json",
         max_text_chars=args.max_text_chars,
         progress=_progress(),
         on_reject=on_reject,
@@ -307,7 +318,22 @@ def cmd_route(args: argparse.Namespace) -> int:
         print(f"rejected {summary.rejected} lines ({kinds}) -> {rejects}")
     else:
         print(f"no rejected lines ({rejects} is empty)")
-    return 0
+    return _reject_verdict(summary.rejected, summary.lines, args.max_reject_rate, args.text)
+
+
+def _reject_verdict(rejected: int, lines: int, max_rate: float | None, text: bool) -> int:
+    """1 (with the reason on stderr) when too many lines were rejected: every line, or more
+    than ``max_rate`` of them."""
+    if not lines or not rejected:
+        return 0
+    if max_rate is None and rejected < lines:
+        return 0
+    if max_rate is not None and rejected / lines <= max_rate:
+        return 0
+    limit = "every line" if max_rate is None else f"more than {max_rate:.1%} of the lines"
+    hint = "" if text else " (plain text lines? add --text)"
+    print(f"error: {limit} rejected ({rejected} of {lines}){hint}", file=sys.stderr)
+    return 1
 
 
 # --- import-routes and schema --------------------------------------------------------------

@@ -55,7 +55,10 @@ def add_tune(sub: Any) -> None:
     )
     p.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="default 0")
     p.add_argument(
-        "--epochs", type=positive_float, default=_DEFAULTS.epochs, help=f"{_DEFAULTS.epochs}"
+        "--epochs",
+        type=positive_float,
+        default=_DEFAULTS.epochs,
+        help=f"passes over the training pairs (default {_DEFAULTS.epochs:g})",
     )
     p.add_argument(
         "--learning-rate",

@@ -17,7 +17,9 @@ from .report_charts import REPORT_HINT, confusion_chart, curve_chart, f1_chart, 
 
 __all__ = ["FIGURE_IDS", "render_html", "require_report_libraries"]
 
-FIGURE_IDS = ("confusion", "fallback-curve", "f1-bars", "confusing")
+#: The page's figures, always there; ``methods`` (every method's figures) is added for
+#: ``method: auto``.
+FIGURE_IDS = ("confusion", "fallback-curve", "f1-bars", "confusing", "overlapping-routes")
 
 _SUMMARY = (
     ("overall_accuracy", "overall accuracy"),
@@ -49,10 +51,16 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def render_html(figures: dict[str, Any], meta: dict[str, Any]) -> str:
+def render_html(
+    figures: dict[str, Any],
+    meta: dict[str, Any],
+    methods: list[dict[str, Any]] | None = None,
+    chosen: str | None = None,
+) -> str:
     """The page for ``evaluate(..., detail=True)``'s ``figures``; ``meta``: ``routes`` and
     ``data`` (the files), ``routes_version``, ``model``, ``method_requested`` and
-    ``generated`` (a date), shown in the header."""
+    ``generated`` (a date), shown in the header. ``methods``: ``compare_methods``' rows (for
+    ``method: auto``), ``chosen`` the candidate auto took; the page then has their table."""
     require_report_libraries()
     import jinja2
     from markupsafe import Markup
@@ -78,4 +86,7 @@ def render_html(figures: dict[str, Any], meta: dict[str, Any]) -> str:
         confusion=Markup(confusion_chart(figures)),
         curve=Markup(curve_chart(figures["fallback_curve"], method)),
         f1=Markup(f1_chart(figures)),
+        methods=methods or [],
+        chosen=chosen,
+        overlaps=figures.get("overlapping_routes") or [],
     )

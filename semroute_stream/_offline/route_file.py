@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import orjson
 from tqdm import tqdm
@@ -77,20 +77,23 @@ def route_file(
     batch_size: int = 256,
     text_field: str = "text",
     id_field: str = "id",
+    format: Literal["json", "text"] = "json",
     max_line_bytes: int = MAX_LINE_BYTES,
     max_text_chars: int = MAX_TEXT_CHARS,
     progress: bool = False,
     on_reject: Callable[[int, InputError], None] | None = None,
 ) -> OfflineSummary:
     """Route every line of ``input_path`` into ``output_path``; bad lines go to ``rejects_path``
-    (default ``OUTPUT.rejects.jsonl``, always created). ``on_reject(line, error)`` is called
-    for each bad line (the CLI prints it)."""
+    (default ``OUTPUT.rejects.jsonl``, always created). ``format="text"``: each line is the
+    query's text (no id). ``on_reject(line, error)`` is called for each bad line (the CLI prints
+    it). The outputs' directories must exist: none is created (a typo must not make folders)."""
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     output_path = Path(output_path)
     rejects_path = Path(rejects_path) if rejects_path else default_rejects_path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    rejects_path.parent.mkdir(parents=True, exist_ok=True)
+    for path in (output_path, rejects_path):
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"{path}: its directory {path.parent} does not exist")
     summary = OfflineSummary()
     started = time.perf_counter()
     total = os.path.getsize(input_path)
@@ -120,7 +123,7 @@ def route_file(
             try:
                 query = parse_input(
                     raw,
-                    format="json",
+                    format=format,
                     text_field=text_field,
                     id_field=id_field,
                     max_bytes=max_line_bytes,

@@ -108,13 +108,16 @@ MAX_ENERGY = 1000.0
 """``head.min_energy`` lies in ``[-MAX_ENERGY, MAX_ENERGY]`` (``-MAX_ENERGY``: no floor)."""
 
 
-def _reject_misspelt(data: dict[str, Any], known: set[str]) -> None:
+def _reject_misspelt(data: dict[str, Any], known: set[str], *, every: bool = False) -> None:
+    """Refuse a key that looks like a known field (``every``: any key not known)."""
     for key in data:
         if key in known:
             continue
         close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.8)
         if close:
             raise ValueError(f"unknown field {key!r} (did you mean {close[0]!r}?)")
+        if every:
+            raise ValueError(f"unknown field {key!r} (known: {', '.join(sorted(known))})")
 
 
 def _not_blank(text: str) -> str:
@@ -201,10 +204,16 @@ class HeadConfig(BaseModel):
     lexical: float = Field(default=0.25, ge=0.0, le=10.0, allow_inf_nan=False)
 
 
-class RoutesConfig(BaseModel):
-    """A whole routes file."""
+#: Top-level keys a routes file may carry for people (where the routes come from, their
+#: licence): read and dropped, never part of the routes or their version.
+INFO_KEYS = ("description", "license", "source")
 
-    model_config = ConfigDict(extra="ignore")
+
+class RoutesConfig(BaseModel):
+    """A whole routes file. A top-level key that is not a field is refused, except
+    :data:`INFO_KEYS` (strings, dropped)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     default_threshold: float | None = Field(default=None, ge=-1.0, le=1.0, allow_inf_nan=False)
     method: RoutesMethod = "auto"
@@ -217,7 +226,11 @@ class RoutesConfig(BaseModel):
     @classmethod
     def _no_misspelt_keys(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            _reject_misspelt(data, set(cls.model_fields))
+            for key in INFO_KEYS:
+                if key in data and not isinstance(data[key], str):
+                    raise ValueError(f"{key}: must be a string (it is for people, and ignored)")
+            data = {k: v for k, v in data.items() if k not in INFO_KEYS}
+            _reject_misspelt(data, set(cls.model_fields) | set(INFO_KEYS), every=True)
         return data
 
     @field_validator("method", mode="before")
