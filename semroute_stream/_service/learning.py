@@ -308,27 +308,31 @@ class Learner:
 
     @contextlib.asynccontextmanager
     async def running(
-        self, reader: AIOKafkaConsumer, *more: Coroutine[Any, Any, None]
+        self,
+        reader: AIOKafkaConsumer,
+        intake: Coroutine[Any, Any, None],
+        *,
+        on_death: Callable[[str, BaseException], None],
     ) -> AsyncIterator[Learner]:
-        """Tail the overlay and retrain (and run ``more``) while the block runs."""
+        """Tail the overlay, retrain and consume the corrections (``intake``) while the block
+        runs. A task that stops with an error is reported to ``on_death`` (an ERROR log, a
+        metric, /readyz) and not raised again at the exit: the service still stops cleanly."""
         tasks = [
             asyncio.create_task(self.tail(reader), name="semroute-overlay-tail"),
             asyncio.create_task(self.retrain_loop(), name="semroute-overlay-retrain"),
-            *(asyncio.create_task(c, name="semroute-learning") for c in more),
+            asyncio.create_task(intake, name="semroute-corrections-intake"),
         ]
+
+        def report(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                on_death(task.get_name(), exc)
+
         for task in tasks:
-            task.add_done_callback(_report_death)
+            task.add_done_callback(report)
         try:
             yield self
         finally:
             for task in tasks:
                 task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await asyncio.gather(*tasks, return_exceptions=True)  # failures: reported already
             await asyncio.to_thread(self.close)
-
-
-def _report_death(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and (exc := task.exception()) is not None:
-        log.error("learning task %s stopped: %r", task.get_name(), exc, exc_info=exc)
