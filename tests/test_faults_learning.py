@@ -1,10 +1,12 @@
 """Learning's faults with real router processes on a real broker (run with the fault suite:
-``-m faults``): corrections too large for the dead-letter topic. Figures go to
-``out/faults.jsonl`` like the other scenarios'."""
+``-m faults``): corrections too large for the dead-letter topic, and a router SIGKILLed in
+the middle of a retrain. Figures go to ``out/faults.jsonl`` like the other scenarios'."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import time
 from collections import Counter
@@ -15,7 +17,7 @@ import orjson
 import pytest
 from fault_harness import Result, Router, config_for, end_offsets, read_all
 from ops_helpers import http_get
-from service_helpers import committed_offsets, produce
+from service_helpers import committed_offsets, produce, write_routes
 from test_faults import _port_below_ephemeral_range
 from test_faults_hostile import _wait_for_log
 
@@ -116,3 +118,90 @@ async def test_corrections_too_large_for_the_dlq_are_dead_lettered_and_learning_
         kind = letter["error"]["kind"]
         cut = letter["key"] if kind == "oversized_key" else letter["value"]
         assert cut["cut"] is True and cut["bytes"] > 190_000, letter["error"]
+
+
+# ---- SIGKILL mid-retrain ----------------------------------------------------------------------
+
+
+def _stat(pid: int) -> list[str] | None:
+    """``/proc/PID/stat``'s fields after the command name (None: no such process)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw.rpartition(")")[2].split()
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """Every process below ``root`` (children, their children...), with its command line."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _stat(int(entry))) is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found: dict[int, str] = {}
+    todo = list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        with contextlib.suppress(OSError):
+            found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        todo += children.get(pid, [])
+    return found
+
+
+def _alive(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"  # a zombie has died (its parent reaps it)
+
+
+def _cpu_s(pid: int) -> float:
+    fields = _stat(pid)
+    return 0.0 if fields is None else (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _until(cond: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.2)
+    return True
+
+
+async def test_sigkill_mid_retrain_leaves_no_process_behind(
+    kafka_bootstrap: str, new_topic: Any, tmp_path: Path
+) -> None:
+    topic = await new_topic(partitions=1)
+    config = config_for(
+        tmp_path, kafka_bootstrap, topic, mode="route_only", llm_url=None, learning=LEARNING
+    )
+    write_routes(tmp_path, method="head")  # the retrain trains a head: in the training process
+    router = Router(config, log=tmp_path / "r.log")
+    await _wait_for_log(router, "starting:", timeout=120)
+    below = _descendants(router.proc.pid)
+    trainer = [p for p, cmd in below.items() if "spawn_main" in cmd]
+    tracker = [p for p, cmd in below.items() if "resource_tracker" in cmd]
+    assert len(trainer) == 1 and len(tracker) == 1, below
+    idle_cpu = _cpu_s(trainer[0])
+    values = [_correction(i) for i in range(300)]
+    await produce(kafka_bootstrap, f"{topic}.corrections", values)
+    # mid-retrain: the training process is computing (its CPU time grows)
+    training = await _until(lambda: _cpu_s(trainer[0]) > idle_cpu + 0.5, timeout=120)
+    assert training, router.output()
+    t0 = time.monotonic()
+    router.signal(signal.SIGKILL)
+    assert await router.wait() == -signal.SIGKILL
+    await _until(lambda: not any(_alive(p) for p in below), timeout=30)
+    survivors = {p: cmd for p, cmd in below.items() if _alive(p)}
+    gone_s = round(time.monotonic() - t0, 1)
+    for pid in survivors:  # the test's own orphans: never left running
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    result = Result("SIGKILL mid-retrain (learning)", "at_least_once", len(values))
+    result.recovery_s = None if survivors else gone_s
+    result.notes.update(
+        descendants=len(below),
+        survivors=len(survivors),
+        trainer_cpu_s_at_kill=round(_cpu_s(trainer[0]), 1) if survivors else None,
+    )
+    result.save()
+    assert not survivors, survivors
