@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,9 @@ from semroute_stream._cli.app import main
 from semroute_stream._errors import ConfigError
 from semroute_stream._routing.schema import load_routes, routes_version
 from semroute_stream._service.app import open_service
+from semroute_stream._service.corrections import CorrectionsIntake
 from semroute_stream._service.kafka import topic_partitions
+from semroute_stream._service.observe import metrics_response
 from semroute_stream._service.overlay import normalise
 from semroute_stream._service.pipeline import Pipeline
 from semroute_stream._service.settings import Settings
@@ -270,3 +273,42 @@ async def test_a_restart_mid_stream_keeps_the_overlay_and_loses_no_correction(
         await wait_until(lambda: second.router.version.endswith("+" + again.overlay.version))
         billing = second.router.routes.routes[second.router.routes.names.index("billing")]
         assert {f"gym fee question {i}" for i in range(60)} <= set(billing.utterances)
+
+
+async def test_a_dead_corrections_intake_is_visible_and_the_service_still_stops_cleanly(
+    kafka_bootstrap: str,
+    new_topic: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    topic = await new_topic(partitions=1)
+    settings = _settings(tmp_path, kafka_bootstrap, topic)
+
+    async def broken(self: CorrectionsIntake, records: list[Any]) -> None:
+        raise RuntimeError("intake bug")
+
+    monkeypatch.setattr(CorrectionsIntake, "handle", broken)
+    caplog.set_level(logging.ERROR, logger="semroute_stream")
+    async with open_service(settings, serve_http=False) as pipeline:
+        task = asyncio.create_task(pipeline.run())
+        await produce(kafka_bootstrap, topic, [query_message(GYM, "q1")])
+        await read_topic(kafka_bootstrap, f"{topic}.out", expect=1)  # assigned, routing
+        await produce(
+            kafka_bootstrap, settings.corrections_topic, [correction(GYM, "billing", "c1")]
+        )
+
+        async def not_ready() -> tuple[bool, str] | None:
+            ready, why = await pipeline.health.readiness()
+            return None if ready else (ready, why)
+
+        _, why = await wait_until(not_ready, timeout=60)
+        assert (
+            why == "background task semroute-corrections-intake stopped: RuntimeError('intake bug')"
+        )
+        _, _, body = metrics_response(pipeline.metrics)
+        assert b'semroute_task_failed{task="semroute-corrections-intake"} 1.0' in body
+        assert "semroute-corrections-intake stopped" in caplog.text
+        pipeline.request_stop()
+        stats = await task  # the failure was reported; the run ends as usual
+    assert stats.outcomes == 1

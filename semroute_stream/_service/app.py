@@ -204,9 +204,11 @@ async def _start_learning(
         lambda: learner.overlay,
         lambda: live.base.names,
         pipeline.metrics,
+        pipeline.worker,
     )
     pipeline.learner = learner
-    await stack.enter_async_context(learner.running(reader, intake.run()))
+    running = learner.running(reader, intake.run(), on_death=pipeline.observer.task_failed)
+    await stack.enter_async_context(running)
     return learner
 
 

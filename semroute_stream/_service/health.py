@@ -110,6 +110,9 @@ class Health:
             return False, "draining"
         if p.observer.platform_failure is not None:
             return False, f"platform failure: {p.observer.platform_failure}"
+        if p.observer.failed_tasks:
+            name, why = sorted(p.observer.failed_tasks.items())[0]
+            return False, f"background task {name} stopped: {why[:300]}"
         if act.stalled:
             tp, why = sorted(act.stalled.items())[0]
             return False, f"partition {tp.topic}/{tp.partition} stalled: {why}"

@@ -22,11 +22,11 @@ from .reload import LiveRoutes
 from .settings import InputConfig, Settings
 from .worker import Routed, Target
 
-__all__ = ["decided", "hold_retries", "read_query", "unparked"]
+__all__ = ["check_source", "decided", "hold_retries", "read_query", "unparked"]
 
 
-def read_query(inp: InputConfig, src: Source, value: bytes | None) -> Query:
-    """The query of one consumed record, within the input limits (``InputError`` if not)."""
+def check_source(inp: InputConfig, src: Source) -> None:
+    """A consumed record's key and headers within the input limits (``InputError`` if not)."""
     check_envelope(
         src.key,
         src.headers,
@@ -34,6 +34,11 @@ def read_query(inp: InputConfig, src: Source, value: bytes | None) -> Query:
         max_headers=inp.max_headers,
         max_header_bytes=inp.max_header_bytes,
     )
+
+
+def read_query(inp: InputConfig, src: Source, value: bytes | None) -> Query:
+    """The query of one consumed record, within the input limits (``InputError`` if not)."""
+    check_source(inp, src)
     return parse_input(
         value,
         format=inp.format,

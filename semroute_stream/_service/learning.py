@@ -10,15 +10,21 @@ is thread-safe; only texts it has not embedded before are encoded), asks the gua
 (:mod:`.guard`), and swaps it in under :attr:`LiveRoutes.lock` -- the routing loop never waits
 for a retrain, only for the swap's assignment. The live routes version is
 ``<routes file version>+<overlay version>`` (the file's alone while the overlay is empty).
+The head is trained in a process of its own (``learning.retrain_process``), which dies with the
+router however the router dies (:func:`_die_with_parent`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
+import signal
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
@@ -51,6 +57,7 @@ __all__ = ["CachingEncoder", "Learner", "composed_version", "make_overlay_reader
 log = logging.getLogger("semroute_stream")
 
 _POLL_MS = 500
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def composed_version(base: RoutesConfig, overlay: str) -> str:
@@ -75,6 +82,39 @@ def _train(*args: Any, **kwargs: Any) -> Resolution:
 
     with threadpool_limits(limits=1):
         return resolve_routes(*args, **kwargs)
+
+
+def _start_trainer(nice: int) -> None:
+    """The training process's initializer: it dies with the router, then takes ``nice``."""
+    _die_with_parent()
+    os.nice(nice)
+
+
+def _die_with_parent() -> None:
+    """End this (spawned) process when its parent process dies, however it dies (SIGKILL, the
+    OOM killer): otherwise it, and multiprocessing's resource tracker, which exits once its
+    last client is gone, would run on under PID 1.
+
+    Two guards: on Linux the kernel sends SIGKILL at once (``prctl(PR_SET_PDEATHSIG)``: when the
+    thread that spawned this process exits; that is the event loop's, which lives as long as
+    the router); everywhere a daemon thread waits on the parent's sentinel, the pipe
+    multiprocessing holds open to this process, which reads EOF when the parent dies -- also
+    when it died before the prctl, and while C code holds this process's GIL it waits."""
+    parent = multiprocessing.parent_process()
+    if parent is None:  # not a multiprocessing child
+        return
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG): errno %d", ctypes.get_errno())
+    if os.getppid() != parent.pid:  # the parent died before the prctl
+        os._exit(1)
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="semroute-parent-watch", daemon=True).start()
 
 
 def _warm_up() -> int:
@@ -187,7 +227,7 @@ class Learner:
             self._trainer = ProcessPoolExecutor(
                 max_workers=1,
                 mp_context=multiprocessing.get_context("spawn"),
-                initializer=os.nice,
+                initializer=_start_trainer,
                 initargs=(self.settings.learning.retrain_nice,),
             )
             self._trainer.submit(_warm_up)
@@ -308,27 +348,31 @@ class Learner:
 
     @contextlib.asynccontextmanager
     async def running(
-        self, reader: AIOKafkaConsumer, *more: Coroutine[Any, Any, None]
+        self,
+        reader: AIOKafkaConsumer,
+        intake: Coroutine[Any, Any, None],
+        *,
+        on_death: Callable[[str, BaseException], None],
     ) -> AsyncIterator[Learner]:
-        """Tail the overlay and retrain (and run ``more``) while the block runs."""
+        """Tail the overlay, retrain and consume the corrections (``intake``) while the block
+        runs. A task that stops with an error is reported to ``on_death`` (an ERROR log, a
+        metric, /readyz) and not raised again at the exit: the service still stops cleanly."""
         tasks = [
             asyncio.create_task(self.tail(reader), name="semroute-overlay-tail"),
             asyncio.create_task(self.retrain_loop(), name="semroute-overlay-retrain"),
-            *(asyncio.create_task(c, name="semroute-learning") for c in more),
+            asyncio.create_task(intake, name="semroute-corrections-intake"),
         ]
+
+        def report(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                on_death(task.get_name(), exc)
+
         for task in tasks:
-            task.add_done_callback(_report_death)
+            task.add_done_callback(report)
         try:
             yield self
         finally:
             for task in tasks:
                 task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await asyncio.gather(*tasks, return_exceptions=True)  # failures: reported already
             await asyncio.to_thread(self.close)
-
-
-def _report_death(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and (exc := task.exception()) is not None:
-        log.error("learning task %s stopped: %r", task.get_name(), exc, exc_info=exc)

@@ -199,6 +199,13 @@ class Metrics:
             "1 while the broker refuses our writes (authorisation, timestamps...): see /readyz.",
             registry=r,
         )
+        self.task_failed = Gauge(
+            "semroute_task_failed",
+            "1 once a background task (learning: the corrections intake, the overlay tail) "
+            "stopped with an error; it is not restarted: /readyz names it.",
+            ["task"],
+            registry=r,
+        )
         self.endpoint_misconfigured = Gauge(
             "semroute_llm_endpoint_misconfigured",
             "1 while an LLM endpoint answers 401/403/404 or not a chat completion.",
@@ -371,6 +378,8 @@ class Observer:
         self.stats = RunStats()
         #: Why the broker refuses our writes (authorisation, timestamps, ...), while it does.
         self.platform_failure: str | None = None
+        #: Background tasks that stopped with an error: task name -> the error.
+        self.failed_tasks: dict[str, str] = {}
 
     def platform_failing(self, reason: str | None) -> None:
         """A write the broker refuses for reasons of the platform (None: it works again)."""
@@ -380,6 +389,12 @@ class Observer:
             log.warning("platform failure over: %s", self.platform_failure)
         self.platform_failure = reason
         self.metrics.platform_failure.set(0 if reason is None else 1)
+
+    def task_failed(self, name: str, err: BaseException) -> None:
+        """A background task stopped with ``err``: logged, counted, and /readyz says so."""
+        log.error("background task %s stopped: %r", name, err, exc_info=err)
+        self.failed_tasks[name] = repr(err)
+        self.metrics.task_failed.labels(name).set(1)
 
     def published(self, outcome: Outcome) -> None:
         if outcome.parked:  # not an outcome yet: it comes back from the retry topic
