@@ -19,8 +19,8 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from fault_harness import REPO, Result, Router, config_for, read_all, tally
-from service_helpers import committed_offsets
+from fault_harness import REPO, Result, Router, config_for, message, read_all, tally, texts
+from service_helpers import committed_offsets, produce
 from test_faults import DELIVERY, PARTITIONS, _port_below_ephemeral_range, _send_all
 from test_faults_hostile import _CLOCK_2H_AHEAD, _readyz_until
 
@@ -181,3 +181,48 @@ async def test_exactly_once_replay_into_a_small_topic_ends_and_tells_the_truth(
     assert result.lost == 0 and result.duplicates == 0, result
     assert result.ok + result.dead_letters == N_SMALL, result
     assert stats["outcomes"] + stats["dead_letters"] == N_SMALL, stats  # what it says it wrote
+
+
+@DELIVERY
+async def test_a_responses_topic_shrunk_while_running(
+    kafka_bootstrap: str, new_topic: Any, tmp_path: Path, delivery: str
+) -> None:
+    """``max.message.bytes`` lowered to 1000 after start-up: every response is refused as a
+    record, and becomes its minimal ``unpublishable`` dead letter; exactly-once aborts each
+    transaction and makes it again, never committing one partially."""
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+    from test_faults_hostile import _wait_for_log
+
+    topic = await new_topic(partitions=PARTITIONS)
+    n = 64
+    config = config_for(
+        tmp_path, kafka_bootstrap, topic, mode="route_only", llm_url=None, delivery=delivery
+    )
+    router = Router(config, "--idle-timeout", "8", log=tmp_path / "r.log")
+    await _wait_for_log(router, "partitions assigned", timeout=120)
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        shrink = {"max.message.bytes": "1000"}
+        await admin.alter_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, f"{topic}.out", shrink)]
+        )
+    finally:
+        await admin.close()
+    await asyncio.sleep(1)
+    coords = await produce(kafka_bootstrap, topic, [message(i, t) for i, t in enumerate(texts(n))])
+    assert await router.wait(timeout=240) == 0, router.output()
+    keys = {f"{topic}/{p}/{o}" for p, o in coords}  # minimal dead letters carry no id
+    result = await tally(
+        kafka_bootstrap,
+        topic,
+        Result("responses topic shrunk to 1000 bytes", delivery, n),
+        set(),
+        bad_keys=keys,
+    )
+    await _check_commits(kafka_bootstrap, f"g-{topic}", topic, result)
+    result.save()
+    assert result.lost == 0 and result.duplicates == 0, result
+    assert result.notes["below_committed_without_outcome"] == 0, result
+    assert result.dead_letters == n and result.notes["dlq_kinds"] == {"unpublishable": n}, result
+    assert result.notes["committed"] == n, result
