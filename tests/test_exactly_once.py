@@ -132,6 +132,7 @@ class _Flaky(PartitionTransactions):
         next_offset: int,
         *,
         retry_for_s: float | None = None,
+        alone: bool = False,
     ) -> None:
         if tp in self.broken:
             raise TransactionFailed(f"{tp}: TransactionalIdAuthorizationFailed")

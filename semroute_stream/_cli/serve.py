@@ -60,6 +60,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print("error: stopped without draining (second signal)", file=sys.stderr)
         return 130
     print(orjson.dumps({**stats.as_dict(), "output": args.output}).decode())
+    if not stats.stopped_by.startswith("replay"):  # a signal: the range was not worked off
+        print(f"error: replay stopped before its end offsets ({stats.stopped_by})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -16,7 +16,7 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from threadpoolctl import threadpool_limits
 
 from .._encoder import Encoder
@@ -37,6 +37,7 @@ from .learning import Learner, make_overlay_reader
 from .llm import LLMPool, resolve_api_keys
 from .observe import HttpServer, Observer, RunStats
 from .pipeline import Pipeline
+from .records import RECORD_OVERHEAD_BYTES
 from .settings import Settings
 from .shadow import ShadowRoutes
 from .topics import (
@@ -70,6 +71,7 @@ def _outbox(
     observer: Observer,
     send: Send | None,
     group_id: str | None,
+    batch_bytes: int | None,
 ) -> Outbox:
     interval = settings.flow.commit_interval_ms
     if send is None and settings.delivery == "exactly_once":
@@ -85,7 +87,7 @@ def _outbox(
 
         transactions = PartitionTransactions(
             group_id or settings.input.group_id,
-            lambda txn_id: make_transactional_producer(settings, txn_id),
+            lambda txn_id: make_transactional_producer(settings, txn_id, batch_bytes),
             consumer.committed,
             still_ours=still_ours,
         )
@@ -127,9 +129,17 @@ async def open_service(
         record_limit = await ensure_output_topics(settings, output_topics(routes, settings))
     consumer = make_consumer(settings, group_id=group_id)
     exactly_once = settings.delivery == "exactly_once" and sink is None
-    producer = make_producer(settings) if sink is None and not exactly_once else None
-    send = producer_send(producer, observer) if producer is not None else sink
-    outbox = _outbox(settings, consumer, observer, send, group_id)
+    # batches no larger than the smallest output topic limit, or the broker refuses them
+    batch_bytes = None if record_limit is None else record_limit + RECORD_OVERHEAD_BYTES
+    producers: list[AIOKafkaProducer] = []  # the current one last (replaced when poisoned)
+
+    def new_producer() -> AIOKafkaProducer:
+        producers.append(make_producer(settings, batch_bytes))
+        return producers[-1]
+
+    producer = new_producer() if sink is None and not exactly_once else None
+    send = producer_send(producer, observer, renew=new_producer) if producer else sink
+    outbox = _outbox(settings, consumer, observer, send, group_id, batch_bytes)
     llm = (
         LLMPool(settings.endpoints, transport=llm_transport, api_keys=api_keys)
         if llm_mode
@@ -156,7 +166,7 @@ async def open_service(
         # client that never started is harmless, leaving it unclosed is not.
         stack.push_async_callback(_stop_within, consumer.stop, "consumer")
         if producer is not None:
-            stack.push_async_callback(_stop_within, producer.stop, "producer")
+            stack.push_async_callback(_stop_within, lambda: producers[-1].stop(), "producer")
         stack.callback(observer.tracer.shutdown)
         if llm is not None:
             stack.push_async_callback(llm.aclose)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
@@ -28,12 +29,9 @@ from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import (
-    CorruptRecordException,
-    InvalidTopicError,
     KafkaError,
     KafkaTimeoutError,
-    MessageSizeTooLargeError,
-    RecordListTooLargeError,
+    OutOfOrderSequenceNumber,
     RecordTooLargeError,
     TopicAuthorizationFailedError,
 )
@@ -44,7 +42,13 @@ from aiokafka.structs import OffsetAndMetadata
 from .observe import Observer
 from .records import Outcome, OutRecord
 from .tracing import MESSAGING
-from .transactions import PartitionFenced, PartitionTransactions, TransactionFailed
+from .transactions import (
+    RECORD_ERRORS,
+    PartitionFenced,
+    PartitionTransactions,
+    RecordRefused,
+    TransactionFailed,
+)
 
 __all__ = [
     "CLIENT_STOP_S",
@@ -220,7 +224,8 @@ class _Committing:
                 self._forget(lost)
                 self.on_lost(lost)
             self.tracker.mark_committed(offsets)
-            self._observer.stats.commits += 1
+            if offsets:  # a round whose every transaction failed committed nothing
+                self._observer.stats.commits += 1
 
     async def revoke(self, tps: set[TopicPartition]) -> None:
         """Commit what is finished of ``tps``, then forget them: their new owner redoes the rest."""
@@ -275,18 +280,6 @@ class _Committing:
 # ---- at-least-once ----------------------------------------------------------------------------
 
 
-#: Errors about one record (its size, its bytes, its topic's name): that outcome is replaced by
-#: a minimal dead letter. Every other non-retriable error is the platform's (authorisation,
-#: timestamps...): the send is retried until it works, visibly (:attr:`Observer.platform_failure`).
-RECORD_ERRORS: tuple[type[KafkaError], ...] = (
-    MessageSizeTooLargeError,
-    RecordTooLargeError,
-    RecordListTooLargeError,
-    CorruptRecordException,
-    InvalidTopicError,
-)
-
-
 def _refusal(topic: str, err: KafkaError) -> str:
     if isinstance(err, TopicAuthorizationFailedError):
         return (
@@ -337,17 +330,53 @@ class _Batcher:
       record, each in a batch of its own, so that only the offending record is refused.
     * A record over ``max_request_size`` goes through ``producer.send``, which refuses it
       (``MessageSizeTooLargeError``) without a round trip, as before.
+    * aiokafka's idempotent producer does not rewind a partition's sequence number after a
+      refused batch: every later batch there is refused with ``OutOfOrderSequenceNumber``.
+      Such a producer is replaced (``renew`` makes an unstarted one; the old one is stopped)
+      and the sends it failed are made again.
     """
 
-    def __init__(self, producer: AIOKafkaProducer) -> None:
+    def __init__(
+        self,
+        producer: AIOKafkaProducer,
+        renew: Callable[[], AIOKafkaProducer] | None = None,
+    ) -> None:
         self._producer = producer
+        self._renew = renew
+        self._renewing = asyncio.Lock()
         self._lanes: dict[tuple[str, int], _Lane] = {}
         self._sticky: dict[str, int] = {}
         self._partitioner = DefaultPartitioner()
 
     async def send(self, record: OutRecord) -> None:
-        """Send ``record``; return once it is acknowledged (raise what refused it)."""
+        """Send ``record``; return once it is acknowledged (raise what refused it). After
+        ``OutOfOrderSequenceNumber`` the producer has been replaced: send it again."""
         producer = self._producer
+        try:
+            await self._send(producer, record)
+        except OutOfOrderSequenceNumber:
+            await self._replace(producer)
+            raise
+
+    async def _replace(self, poisoned: AIOKafkaProducer) -> None:
+        if self._renew is None:
+            return
+        async with self._renewing:
+            if self._producer is not poisoned:  # replaced already, by another send
+                return
+            fresh = self._renew()
+            await fresh.start()
+            self._producer = fresh
+        log.warning(
+            "a refused batch left the idempotent producer's sequence numbers behind "
+            "(OutOfOrderSequenceNumber): replaced it with a new producer"
+        )
+        try:
+            await asyncio.wait_for(poisoned.stop(), CLIENT_STOP_S)
+        except Exception as err:  # its own sends fail, and are made again
+            log.debug("closing the replaced producer: %r", err)
+
+    async def _send(self, producer: AIOKafkaProducer, record: OutRecord) -> None:
         size = DefaultRecordBatchBuilder.estimate_size_in_bytes(
             record.key, record.value, record.headers
         )
@@ -444,7 +473,8 @@ class _Batcher:
                     except Exception as err:  # no room in time, producer closed: as send() would
                         _fail(members, err)
                     else:
-                        fut.add_done_callback(partial(self._acked, topic, partition, members))
+                        done = partial(self._acked, topic, partition, members, builder.size())
+                        fut.add_done_callback(done)
                     del unsent[: len(members)]
         except BaseException:  # cancelled (the loop is closing): what was not handed over fails
             for item in (*unsent, *lane.pending):
@@ -455,13 +485,27 @@ class _Batcher:
             lane.flush = None
 
     def _acked(
-        self, topic: str, partition: int, members: list[_Pending], fut: asyncio.Future[Any]
+        self,
+        topic: str,
+        partition: int,
+        members: list[_Pending],
+        size: int,
+        fut: asyncio.Future[Any],
     ) -> None:
         if fut.cancelled():
             for item in members:
                 item.fut.cancel()
             return
         err = fut.exception()
+        if isinstance(err, RECORD_ERRORS):
+            log.error(
+                "%s/%d refused a batch of %d record(s), %d bytes: %r",
+                topic,
+                partition,
+                len(members),
+                size,
+                err,
+            )
         if err is None:
             for item in members:
                 if not item.fut.done():
@@ -482,14 +526,20 @@ def _fail(members: list[_Pending], err: BaseException) -> None:
             item.fut.set_exception(copy.copy(err))  # a copy each: tracebacks do not pile up
 
 
-def producer_send(producer: AIOKafkaProducer, observer: Observer | None = None) -> Send:
+def producer_send(
+    producer: AIOKafkaProducer,
+    observer: Observer | None = None,
+    *,
+    renew: Callable[[], AIOKafkaProducer] | None = None,
+) -> Send:
     """A :data:`Send` through an ``AIOKafkaProducer``. Retriable broker errors are retried
     without end (the offset stays unfinished meanwhile, so nothing is committed past it);
     :data:`RECORD_ERRORS` are raised; platform errors are retried too, reported to
     ``observer`` while they last. Records sent in the same event-loop tick share batches
-    (:class:`_Batcher`); each send still returns only once its own record is acknowledged."""
+    (:class:`_Batcher`); each send still returns only once its own record is acknowledged.
+    ``renew`` makes the producer that replaces one poisoned by a refused batch."""
     watcher = observer or Observer()
-    batcher = _Batcher(producer)
+    batcher = _Batcher(producer, renew)
 
     async def send(record: OutRecord) -> None:
         delay = 0.1
@@ -502,6 +552,8 @@ def producer_send(producer: AIOKafkaProducer, observer: Observer | None = None) 
             except RECORD_ERRORS:
                 raise
             except (KafkaTimeoutError, KafkaError) as err:
+                if isinstance(err, OutOfOrderSequenceNumber) and renew is not None:
+                    continue  # the producer was replaced: send it again
                 if not (isinstance(err, KafkaTimeoutError) or getattr(err, "retriable", False)):
                     watcher.platform_failing(_refusal(record.topic, err))
                     delay = max(delay, 1.0)
@@ -588,6 +640,8 @@ class ExactlyOnceOutbox(_Committing):
         self.transactions = transactions
         self._queued: dict[TopicPartition, list[Outcome]] = {}
         self._stalled: set[TopicPartition] = set()
+        #: The dead letter of an outcome refused as a record (``Worker.unpublishable``).
+        self.on_refused: Callable[[Outcome, Exception], Outcome] | None = None
 
     def assign(self, tps: set[TopicPartition]) -> None:
         super().assign(tps)
@@ -629,15 +683,29 @@ class ExactlyOnceOutbox(_Committing):
     async def _transact(self, tp: TopicPartition, next_offset: int) -> bool | None:
         """Write the queued outcomes below ``next_offset`` with that offset, in one
         transaction. True when committed, False when it failed (the outcomes stay queued for
-        the next round), None when the partition's transactional id was fenced by a new owner."""
+        the next round), None when the partition's transactional id was fenced by a new owner.
+
+        A record the broker refuses as a record aborts the transaction; its outcome becomes
+        its minimal ``unpublishable`` dead letter (a review or shadow record is left out) and
+        the transaction is made again, so the partition never stalls on one record."""
         ready = [o for o in self._queued.get(tp, []) if o.at.offset < next_offset]
         attributes = {**MESSAGING, "messaging.batch.message_count": len(ready)}
         try:
             with self._observer.tracer.span("transaction", attributes):
-                records = [r for o in ready for r in o.records()]
-                # A stalled partition gets one try a round: it must not hold up the others.
-                once = 0.0 if tp in self._stalled else None
-                await self.transactions.publish(tp, records, next_offset, retry_for_s=once)
+                alone = False  # after a refusal: each record acknowledged before the next
+                while True:
+                    owners = [(j, k) for j, o in enumerate(ready) for k in range(1 + len(o.extras))]
+                    records = [r for o in ready for r in o.records()]
+                    # A stalled partition gets one try a round: it must not hold up the others.
+                    once = 0.0 if tp in self._stalled else None
+                    try:
+                        await self.transactions.publish(
+                            tp, records, next_offset, retry_for_s=once, alone=alone
+                        )
+                        break
+                    except RecordRefused as err:
+                        self._replace(tp, ready, *owners[err.index], err.error)
+                        alone = True
         except PartitionFenced as err:
             log.warning("%s: not committed here, its new owner redoes it (%s)", tp, err)
             return None
@@ -650,6 +718,28 @@ class ExactlyOnceOutbox(_Committing):
         for outcome in ready:
             self._observer.published(outcome)
         return True
+
+    def _replace(
+        self, tp: TopicPartition, ready: list[Outcome], j: int, k: int, err: KafkaError
+    ) -> None:
+        """Record ``k`` of outcome ``ready[j]`` was refused as a record: drop it (a record
+        riding with the outcome) or turn the outcome into its minimal dead letter."""
+        outcome = ready[j]
+        if k > 0:
+            extra = outcome.extras[k - 1]
+            log.error("a %s record was refused and left out: %r", extra.topic, err)
+            fixed = dataclasses.replace(
+                outcome, extras=outcome.extras[: k - 1] + outcome.extras[k:]
+            )
+        elif outcome.kind == "unpublishable" or self.on_refused is None:
+            raise TransactionFailed(f"{tp}: {outcome.topic} refused even a minimal record: {err!r}")
+        else:
+            fixed = self.on_refused(outcome, err)
+        ready[j] = fixed
+        queue = self._queued.get(tp, [])
+        for i, queued in enumerate(queue):
+            if queued is outcome:
+                queue[i] = fixed
 
     def _stall(self, tp: TopicPartition, reason: str | None) -> None:
         if reason is not None:

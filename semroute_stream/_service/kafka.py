@@ -236,21 +236,35 @@ def make_consumer(settings: Settings, *, group_id: str | None = None) -> AIOKafk
     )
 
 
-def _producer_kwargs(settings: Settings) -> dict[str, Any]:
+#: aiokafka's default ``max_batch_size``.
+_BATCH_BYTES = 16_384
+
+
+def _producer_kwargs(settings: Settings, batch_bytes: int | None) -> dict[str, Any]:
+    """``batch_bytes``: the largest batch the output topics accept (their smallest
+    ``max.message.bytes``): batches are never made larger, or the broker would refuse them
+    whole. An explicit ``kafka.client_options.producer.max_batch_size`` is kept as it is."""
     defaults = {"linger_ms": 5, "max_request_size": 4 * 1024 * 1024}
+    if batch_bytes is not None:
+        defaults["max_batch_size"] = min(_BATCH_BYTES, batch_bytes)
     options = settings.kafka.client_options.producer.kwargs()
     return {**connection_kwargs(settings.kafka), **defaults, **options}
 
 
-def make_producer(settings: Settings) -> AIOKafkaProducer:
-    """An idempotent producer waiting for all in-sync replicas."""
-    return AIOKafkaProducer(**_producer_kwargs(settings), acks="all", enable_idempotence=True)
+def make_producer(settings: Settings, batch_bytes: int | None = None) -> AIOKafkaProducer:
+    """An idempotent producer waiting for all in-sync replicas (batches of at most
+    ``batch_bytes``: see :func:`_producer_kwargs`)."""
+    return AIOKafkaProducer(
+        **_producer_kwargs(settings, batch_bytes), acks="all", enable_idempotence=True
+    )
 
 
-def make_transactional_producer(settings: Settings, transactional_id: str) -> AIOKafkaProducer:
+def make_transactional_producer(
+    settings: Settings, transactional_id: str, batch_bytes: int | None = None
+) -> AIOKafkaProducer:
     """A producer for one input partition's transactions (``delivery: exactly_once``)."""
     return AIOKafkaProducer(
-        **_producer_kwargs(settings),
+        **_producer_kwargs(settings, batch_bytes),
         acks="all",
         enable_idempotence=True,
         transactional_id=transactional_id,

@@ -30,7 +30,7 @@ from .._input import Query
 from .._routing.router import Router
 from .audit import Audit
 from .bounds import RunBounds
-from .delivery import RECORD_ERRORS, Outbox
+from .delivery import RECORD_ERRORS, ExactlyOnceOutbox, Outbox
 from .health import Activity, Health
 from .intake import decided, hold_retries, read_query, unparked
 from .observe import HttpServer, Metrics, Observer, RunStats
@@ -103,6 +103,8 @@ class Pipeline:
         self._outbox = outbox
         outbox.on_lost = self._lost
         outbox.on_stall = self._stall
+        if isinstance(outbox, ExactlyOnceOutbox):  # a refused record: its minimal dead letter
+            outbox.on_refused = self.worker.unpublishable
         self._assigned: set[TopicPartition] = set()
         self._revocations = 0  # bumped by every revocation: records fetched before are stale
         self._tasks = PartitionTasks(self._task_done)

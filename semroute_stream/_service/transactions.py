@@ -12,6 +12,13 @@ LLM calls never run inside a transaction: a slice's records are computed first (
 then published in one short transaction, so slow LLM calls cannot hit the transaction timeout.
 Slices of one partition commit in offset order. LLM side effects stay at-least-once: a slice
 that was computed but not committed (crash, rebalance) is computed again by the next owner.
+
+aiokafka does not fail a transaction whose batch the broker refused: ``EndTxn`` would commit
+the other batches and the offsets. So every record of a transaction is acknowledged before its
+offsets are added, and any refusal aborts it. A refused *record* (:data:`RECORD_ERRORS`) is
+pinned down (the slice again, each record acknowledged before the next is sent) and reported as
+:class:`RecordRefused`, for the caller to replace and publish again; nothing is committed
+partially.
 """
 
 from __future__ import annotations
@@ -22,24 +29,71 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.errors import (
+    CorruptRecordException,
+    InvalidTopicError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+)
 
 from .records import OutRecord
 
 __all__ = [
+    "RECORD_ERRORS",
     "PartitionFenced",
     "PartitionState",
     "PartitionTransactions",
+    "RecordRefused",
     "TransactionFailed",
     "transactional_id",
 ]
 
 log = logging.getLogger("semroute_stream")
 
+#: Errors about one record (its size, its bytes, its topic's name): that outcome is replaced by
+#: a minimal dead letter. Every other non-retriable error is the platform's (authorisation,
+#: timestamps...): the write is retried until it works, visibly.
+RECORD_ERRORS: tuple[type[KafkaError], ...] = (
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    RecordListTooLargeError,
+    CorruptRecordException,
+    InvalidTopicError,
+)
+
 
 def _read_exception(fut: asyncio.Future[object]) -> None:
     if not fut.cancelled():
         fut.exception()
+
+
+def _raise_first(results: list[object], alone: bool, records: list[OutRecord]) -> None:
+    """Raise what refused a transaction's records, most telling first: a fence, a record
+    error, a platform error; out-of-order sequence numbers only follow an earlier refusal."""
+    errors = [(i, r) for i, r in enumerate(results) if isinstance(r, BaseException)]
+    if not errors:
+        return
+    for _, err in errors:
+        if isinstance(err, ProducerFenced):
+            raise err
+    refused = [(i, err) for i, err in errors if isinstance(err, RECORD_ERRORS)]
+    if refused:
+        i, err = refused[0]
+        if alone or len(refused) == 1:  # alone, or the only one: that record is the cause
+            raise RecordRefused(i, err) from err
+        size = sum(len(records[i].value) for i, _ in refused)
+        raise _SharedRefusal(
+            f"{records[i].topic} refused a batch of {len(refused)} records "
+            f"(about {size} bytes): {err!r}"
+        )
+    for _, err in errors:
+        if not isinstance(err, OutOfOrderSequenceNumber):
+            raise err
+    raise errors[0][1]
 
 
 def transactional_id(prefix: str, group_id: str, tp: TopicPartition) -> str:
@@ -62,6 +116,20 @@ class PartitionState(enum.Enum):
 
 class PartitionFenced(Exception):
     """This instance no longer owns the partition: its transactions are refused."""
+
+
+class RecordRefused(Exception):
+    """The broker refused record ``index`` of a slice as a record (:data:`RECORD_ERRORS`).
+    Its transaction was aborted: nothing of the slice, and no offset, was committed."""
+
+    def __init__(self, index: int, error: KafkaError) -> None:
+        super().__init__(index, error)
+        self.index = index
+        self.error = error
+
+
+class _SharedRefusal(Exception):
+    """A batch of several records was refused as a record: which one is to blame is unknown."""
 
 
 class TransactionFailed(Exception):
@@ -159,12 +227,15 @@ class PartitionTransactions:
         next_offset: int,
         *,
         retry_for_s: float | None = None,
+        alone: bool = False,
     ) -> None:
-        """Write ``records`` and commit ``tp`` at ``next_offset``, atomically.
+        """Write ``records`` and commit ``tp`` at ``next_offset``, atomically (``alone``: each
+        record acknowledged before the next is sent; after a :class:`RecordRefused`).
 
         Retries retriable failures (with a fresh producer, which aborts the half-done
         transaction) for up to ``retry_for_s``; raises :class:`PartitionFenced` when another
-        instance has taken the partition over (or it was released here), and
+        instance has taken the partition over (or it was released here),
+        :class:`RecordRefused` when the broker refused one of the records as a record, and
         :class:`TransactionFailed` when it keeps failing (the caller keeps the records and
         tries again later).
         """
@@ -186,17 +257,19 @@ class PartitionTransactions:
                         # the new producer completed it. Publishing again would duplicate.
                         return
                     retried = True
-                    await self._transact(producer, tp, records, next_offset)
+                    await self._transact(producer, tp, records, next_offset, alone=alone)
                     self.transactions += 1
                     return
+                except _SharedRefusal as err:  # pin the record down: each one alone
+                    log.error("%s: %s; sending them record by record", tp, err)
+                    await self._discard(tp)
+                    alone = True
+                except RecordRefused:
+                    await self._discard(tp)  # its sequence numbers are off now
+                    raise
                 except ProducerFenced as err:
                     await self._discard(tp)
-                    if (
-                        tp not in self._revoking
-                        and self._still_ours is not None
-                        and await self._still_ours(tp)
-                        and tp not in self._revoking
-                    ):
+                    if await self._still_ours_after_fence(tp):
                         log.warning(
                             "%s: the broker aborted a transaction (longer than "
                             "transaction_timeout_ms?); the partition is still ours: retrying "
@@ -208,12 +281,23 @@ class PartitionTransactions:
                     raise PartitionFenced(str(tp)) from err
                 except (TimeoutError, KafkaError) as err:
                     await self._discard(tp)
-                    retriable = isinstance(err, TimeoutError) or getattr(err, "retriable", False)
-                    if not retriable or loop.time() + delay > give_up:
+                    # out of order: a refused batch left the old producer's sequence behind
+                    retriable = isinstance(err, TimeoutError | OutOfOrderSequenceNumber)
+                    if not (retriable or getattr(err, "retriable", False)):
+                        raise TransactionFailed(f"{tp}: {err!r}") from err
+                    if loop.time() + delay > give_up:
                         raise TransactionFailed(f"{tp}: {err!r}") from err
                     log.warning("transaction for %s failed (%r); retrying in %.1fs", tp, err, delay)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
+
+    async def _still_ours_after_fence(self, tp: TopicPartition) -> bool:
+        return (
+            tp not in self._revoking
+            and self._still_ours is not None
+            and await self._still_ours(tp)
+            and tp not in self._revoking
+        )
 
     async def _transact(
         self,
@@ -221,27 +305,38 @@ class PartitionTransactions:
         tp: TopicPartition,
         records: list[OutRecord],
         next_offset: int,
+        *,
+        alone: bool,
     ) -> None:
+        """One transaction: every record acknowledged before the offset is added to it, any
+        refusal aborts it. ``alone``: each record acknowledged before the next is sent (a
+        batch of its own), so that a refusal names its record."""
         futures: list[asyncio.Future[object]] = []
         try:
             async with producer.transaction():
-                for r in records:
-                    futures.append(
-                        await producer.send(
+                for i, r in enumerate(records):
+                    try:
+                        fut = await producer.send(
                             r.topic,
                             r.value,
                             key=r.key,
                             headers=r.headers,
                             timestamp_ms=r.timestamp_ms,
                         )
-                    )
+                    except RECORD_ERRORS as err:  # refused here, before any round trip
+                        raise RecordRefused(i, err) from err
+                    futures.append(fut)
+                    if alone:
+                        await asyncio.wait([fut])
+                        if not fut.cancelled() and fut.exception() is not None:
+                            break
+                results = await asyncio.gather(*futures, return_exceptions=True)
+                _raise_first(results, alone, records)
                 await producer.send_offsets_to_transaction({tp: next_offset}, self._group_id)
         except BaseException:
             for fut in futures:  # failed with the transaction: read them, or asyncio complains
                 fut.add_done_callback(_read_exception)
             raise
-        for fut in futures:
-            await fut  # already resolved once the commit succeeded
 
     async def release(self, tps: set[TopicPartition]) -> None:
         """Close the producers of partitions this instance no longer owns.
