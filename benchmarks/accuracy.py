@@ -68,12 +68,12 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from semroute_stream._backends import (  # noqa: E402
+from semroute_stream._encoder import Encoder, EncoderConfig  # noqa: E402
+from semroute_stream._encoder.backends import (  # noqa: E402
     available_backends,
     cpu_features,
     supported_precisions,
 )
-from semroute_stream._encoder import Encoder, EncoderConfig  # noqa: E402
 from semroute_stream._errors import ModelError  # noqa: E402
 from semroute_stream._files import default_cache_root  # noqa: E402
 from semroute_stream._offline.evaluate import evaluate  # noqa: E402

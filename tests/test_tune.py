@@ -18,8 +18,9 @@ import yaml
 
 from semroute_stream._cli import app as _cli
 from semroute_stream._encoder import Encoder, EncoderConfig, fidelity_probe_texts
+from semroute_stream._encoder.default_model import DEFAULT_MODEL_ID, locate_weights_dir
+from semroute_stream._encoder.onnx_build import BertArch
 from semroute_stream._errors import ConfigError
-from semroute_stream._model_build import DEFAULT_MODEL_ID, BertArch, locate_weights_dir
 from semroute_stream._offline import bert_jax
 from semroute_stream._offline.finetune import _guard
 from semroute_stream._offline.tune_data import BUCKETS, Tokens, bucket, hold_out

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from .._encoder.default_model import DEFAULT_MODEL_ID, locate_weights_dir
 from .._errors import ConfigError, ModelError
-from .._model_build import DEFAULT_MODEL_ID, locate_weights_dir
 from .._offline.finetune import TuneRefused, TuneRequest, run_tune
 from .._offline.labelled import load_labelled
 from .._offline.tune_train import TrainSettings
