@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._errors import ConfigError, InputError, SemrouteError
-from .._offline.thresholds import DEFAULT_OBJECTIVE, DEFAULT_OOS_RATE, OBJECTIVES
+from .._offline.fit.thresholds import DEFAULT_OBJECTIVE, DEFAULT_OOS_RATE, OBJECTIVES
 from .._routing.importers import IMPORT_FORMATS
 from .._routing.schema import ROUTES_METHODS
 from .._schemas import SCHEMA_NAMES

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .._encoder.onnx_build import MASK_NEG, BertArch, strip_prefix
-from .._errors import ConfigError, ModelError
+from ..._encoder.onnx_build import MASK_NEG, BertArch, strip_prefix
+from ..._errors import ConfigError, ModelError
 
 __all__ = ["INSTALL_HINT", "Params", "encode", "import_jax", "load_params", "pooled", "to_numpy"]
 

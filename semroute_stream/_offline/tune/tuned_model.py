@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from .._encoder.onnx_build import BertArch, build_bert_onnx
-from .._errors import ConfigError
-from .._files import atomic_copy, atomic_write_bytes, sha256_file
+from ..._encoder.onnx_build import BertArch, build_bert_onnx
+from ..._errors import ConfigError
+from ..._files import atomic_copy, atomic_write_bytes, sha256_file
 
 __all__ = ["CARD_FILE", "COPIED_FILES", "write_model_dir"]
 
