@@ -9,6 +9,7 @@ when the router is built; ``auto`` is resolved there, once, deterministically: s
 from __future__ import annotations
 
 import asyncio
+import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,16 +26,17 @@ from .training import name_text
 
 __all__ = [
     "AUTO_MAX_CELLS",
+    "DEFAULT_ENCODER",
     "Resolution",
     "Router",
     "TextEncoder",
     "auto_without_head",
     "compile_table",
+    "default_encoder_factory",
     "head_model_key",
     "head_texts",
     "needs_head",
     "resolve_routes",
-    "set_default_encoder",
     "train_route_head",
     "utterance_routes",
     "utterances_of",
@@ -362,15 +364,17 @@ def train_route_head(
     )
 
 
-_default_encoder: Callable[[], TextEncoder] | None = None
+#: The encoder ``Router.from_file`` builds when it is given none, as ``module:attribute``: imported
+#: on first use by ``default_encoder_factory``, so that ``_routing`` has no static import of the
+#: encoder wing (docs/architecture.md, Layering) and nothing is registered at import time.
+DEFAULT_ENCODER = "semroute_stream._encoder:Encoder"
 
 
-def set_default_encoder(factory: Callable[[], TextEncoder]) -> None:
-    """What ``Router.from_file`` builds when it is given no encoder. ``semroute_stream`` sets
-    its ``Encoder`` (all-MiniLM-L6-v2) on import: ``_routing`` never imports the encoder
-    itself (docs/architecture.md, Layering)."""
-    global _default_encoder
-    _default_encoder = factory
+def default_encoder_factory() -> Callable[[], TextEncoder]:
+    """The default encoder's class (``DEFAULT_ENCODER``), imported now."""
+    module, _, name = DEFAULT_ENCODER.partition(":")
+    factory: Callable[[], TextEncoder] = getattr(importlib.import_module(module), name)
+    return factory
 
 
 class Router:
@@ -430,9 +434,7 @@ class Router:
         Raises ``ConfigError`` naming the file, the route and the field of any problem."""
         routes = load_routes(path)
         if encoder is None:
-            if _default_encoder is None:
-                raise RuntimeError("no default encoder: pass one (import semroute_stream sets it)")
-            encoder = _default_encoder()
+            encoder = default_encoder_factory()()
         return cls(routes, encoder, cache_dir=cache_dir, cache=cache)
 
     def decide(self, embeddings: np.ndarray, texts: Sequence[str] | None = None) -> Decisions:
