@@ -9,11 +9,10 @@ when the router is built; ``auto`` is resolved there, once, deterministically: s
 from __future__ import annotations
 
 import asyncio
-import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, overload
+from typing import Any, overload
 
 import numpy as np
 
@@ -22,6 +21,7 @@ from .head_cache import HeadModel, default_head_cache_dir, head_cache_key, load_
 from .result import RouteDecision
 from .schema import DecisionMethod, RoutesConfig, RoutesMethod, load_routes, routes_version
 from .selection import AUTO_MIN_HELD_OUT, MethodChoice, choose_method, fold_of
+from .text_encoder import DEFAULT_ENCODER, TextEncoder, default_encoder_factory
 from .training import name_text
 
 __all__ = [
@@ -91,20 +91,6 @@ def compile_table(
 
 
 # --- resolving the method ------------------------------------------------------------------
-
-
-class TextEncoder(Protocol):
-    """What the router needs of an encoder (``semroute_stream._encoder.Encoder`` is one)."""
-
-    @property
-    def model_name(self) -> str: ...
-
-    @property
-    def dim(self) -> int: ...
-
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """``(len(texts), dim)`` float32, L2-normalised, in input order."""
-        ...
 
 
 @dataclass(frozen=True, eq=False)
@@ -362,19 +348,6 @@ def train_route_head(
         texts=utterances_of(routes),
         name_texts=head_texts(routes) if names is not None else [],
     )
-
-
-#: The encoder ``Router.from_file`` builds when it is given none, as ``module:attribute``: imported
-#: on first use by ``default_encoder_factory``, so that ``_routing`` has no static import of the
-#: encoder wing (docs/architecture.md, Layering) and nothing is registered at import time.
-DEFAULT_ENCODER = "semroute_stream._encoder:Encoder"
-
-
-def default_encoder_factory() -> Callable[[], TextEncoder]:
-    """The default encoder's class (``DEFAULT_ENCODER``), imported now."""
-    module, _, name = DEFAULT_ENCODER.partition(":")
-    factory: Callable[[], TextEncoder] = getattr(importlib.import_module(module), name)
-    return factory
 
 
 class Router:
