@@ -10,7 +10,7 @@ expect models to be named and cached:
   otherwise, with ``model.safetensors`` checked against the known sha256.
 * An existing directory: ``model.onnx`` (or the Hub layout's ``onnx/model.onnx``) and
   ``tokenizer.json``.
-* A Hugging Face repo id (``org/name``): resolved by ``huggingface_hub`` into its standard cache
+* A Hugging Face repo id (``org/name``, :mod:`.hub`): resolved by ``huggingface_hub`` into its cache
   (``HF_HOME`` / ``HF_HUB_CACHE``, ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` are honoured by
   huggingface_hub itself). Only what the encoder needs is downloaded: the tokenizer, the configs
   and one weights file, the repo's own ``onnx/model.onnx`` when it has one (any architecture),
