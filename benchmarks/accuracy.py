@@ -68,23 +68,23 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from semroute_stream._backends import (  # noqa: E402
+from semroute_stream._encoder import Encoder, EncoderConfig  # noqa: E402
+from semroute_stream._encoder.backends import (  # noqa: E402
     available_backends,
     cpu_features,
     supported_precisions,
 )
-from semroute_stream._encoder import Encoder, EncoderConfig  # noqa: E402
 from semroute_stream._errors import ModelError  # noqa: E402
 from semroute_stream._files import default_cache_root  # noqa: E402
-from semroute_stream._offline.evaluate import evaluate  # noqa: E402
-from semroute_stream._offline.fit import add_labelled_utterances  # noqa: E402
-from semroute_stream._offline.fit_routes import fit_routes  # noqa: E402
-from semroute_stream._offline.labelled import Labelled, load_labelled  # noqa: E402
-from semroute_stream._offline.thresholds import (  # noqa: E402
+from semroute_stream._offline.fit.evaluate import evaluate  # noqa: E402
+from semroute_stream._offline.fit.fit_routes import fit_routes  # noqa: E402
+from semroute_stream._offline.fit.thresholds import (  # noqa: E402
     DEFAULT_OBJECTIVE,
     DEFAULT_OOS_RATE,
     Objective,
 )
+from semroute_stream._offline.fit.workflows import add_labelled_utterances  # noqa: E402
+from semroute_stream._offline.labelled import Labelled, load_labelled  # noqa: E402
 from semroute_stream._routing.decision import decide  # noqa: E402
 from semroute_stream._routing.head_cache import _fingerprint  # noqa: E402
 from semroute_stream._routing.router import (  # noqa: E402

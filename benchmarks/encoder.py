@@ -7,7 +7,7 @@
 
 Sections (``--sections a,b``; default ``peak,backends``):
 
-* ``backends``: each backend x precision that ``semroute_stream._backends`` reports for this
+* ``backends``: each backend x precision that ``semroute_stream._encoder.backends`` reports for this
   CPU (onnxruntime fp32, openvino fp32, openvino bf16 where the CPU has native bf16), plus what
   ``backend: auto`` / ``precision: auto`` picks, on three workloads: ``short`` (CLINC150 dev
   queries), ``tickets`` (60-200-word support tickets from a seeded generator) and ``mixed``
@@ -57,7 +57,7 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 
 from semroute_stream._encoder import Encoder, EncoderConfig  # noqa: E402
-from semroute_stream._model_build import (  # noqa: E402
+from semroute_stream._encoder.default_model import (  # noqa: E402
     build_minilm_onnx,
     locate_weights_dir,
     provision_default_model,
@@ -390,7 +390,7 @@ def peak_probe(threads: int, seconds: float) -> dict[str, Any]:
         except Exception as exc:  # pragma: no cover - onnx missing
             out[f"onnxruntime_f32_{shape_name}"] = f"unavailable: {exc}"
     try:
-        from semroute_stream._backends import import_openvino
+        from semroute_stream._encoder.backends import import_openvino
 
         ov = import_openvino()  # without its telemetry, as the product imports it
         from openvino import opset13 as ops
@@ -496,7 +496,11 @@ BASELINE = "onnxruntime/fp32"
 
 def combinations() -> list[tuple[str, str]]:
     """(backend, precision) pairs this machine supports, onnxruntime fp32 first."""
-    from semroute_stream._backends import available_backends, cpu_features, supported_precisions
+    from semroute_stream._encoder.backends import (
+        available_backends,
+        cpu_features,
+        supported_precisions,
+    )
 
     features = cpu_features()
     pairs = [
@@ -844,7 +848,7 @@ DEFAULT_SECTIONS = ("peak", "backends")
 def machine_info() -> dict[str, Any]:
     import onnxruntime
 
-    from semroute_stream._backends import available_backends, cpu_features, import_openvino
+    from semroute_stream._encoder.backends import available_backends, cpu_features, import_openvino
 
     info: dict[str, Any] = {
         "cpus": os.cpu_count(),

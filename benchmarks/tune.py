@@ -43,8 +43,8 @@ import numpy as np  # noqa: E402
 from accuracy import DATASETS, FIGURES, halves, subset  # noqa: E402
 
 from semroute_stream._encoder import Encoder, EncoderConfig  # noqa: E402
-from semroute_stream._offline.evaluate import evaluate  # noqa: E402
-from semroute_stream._offline.fit import add_labelled_utterances  # noqa: E402
+from semroute_stream._offline.fit.evaluate import evaluate  # noqa: E402
+from semroute_stream._offline.fit.workflows import add_labelled_utterances  # noqa: E402
 from semroute_stream._offline.labelled import Labelled, load_labelled  # noqa: E402
 from semroute_stream._routing.decision import decide  # noqa: E402
 from semroute_stream._routing.router import (  # noqa: E402

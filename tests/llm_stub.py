@@ -14,11 +14,10 @@ from semroute_stream._stub_llm import (
     LLMStub,
     StubFailure,
     StubRequest,
-    _Handler,
-    _Server,
     expected_content,
     main,
 )
+from semroute_stream._stub_llm.server import _Handler, _Server
 
 __all__ = [
     "LLMStub",

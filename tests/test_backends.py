@@ -1,4 +1,4 @@
-"""Encoder backends (semroute_stream._backends): ONNX Runtime and OpenVINO, fp32 and bf16.
+"""Encoder backends (semroute_stream._encoder.backends): ONNX Runtime and OpenVINO, fp32 and bf16.
 
 Every combination the machine supports runs the same fidelity and batch-invariance checks; on a
 CPU without native bf16 units the bf16 checks become checks that bf16 is refused (auto: fp32).
@@ -18,15 +18,16 @@ import numpy as np
 import pytest
 from test_encoder import MIXED, REFERENCE, cosines
 
-from semroute_stream import _backends, _encoder
-from semroute_stream._backends import (
+from semroute_stream._encoder import FIDELITY_MIN, Encoder, EncoderConfig, fidelity_probe_texts
+from semroute_stream._encoder import backends as _backends
+from semroute_stream._encoder import encoder as _encoder
+from semroute_stream._encoder.backends import (
     CpuFeatures,
     available_backends,
     cpu_features,
     pick_backend,
     supported_precisions,
 )
-from semroute_stream._encoder import FIDELITY_MIN, Encoder, EncoderConfig, fidelity_probe_texts
 from semroute_stream._errors import ModelError
 
 BF16_HERE = "bf16" in supported_precisions("openvino")

@@ -1,4 +1,4 @@
-"""The sentence encoder (semroute_stream._encoder) on the real all-MiniLM-L6-v2 model."""
+"""The sentence encoder (semroute_stream._encoder.encoder) on the real all-MiniLM-L6-v2 model."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pydantic
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from semroute_stream import _model_build as mb
 from semroute_stream._encoder import Encoder, EncoderConfig
+from semroute_stream._encoder import default_model as mb
 from semroute_stream._errors import ModelError
 
 REFERENCE = (

@@ -12,12 +12,12 @@ import pytest
 from fakes import unit
 
 from semroute_stream._errors import ConfigError
-from semroute_stream._offline.compare import compare_methods
-from semroute_stream._offline.evaluate import evaluate, suspect_utterances
-from semroute_stream._offline.fit import add_labelled_utterances
-from semroute_stream._offline.fit_routes import fit_routes
+from semroute_stream._offline.fit.compare import compare_methods
+from semroute_stream._offline.fit.evaluate import evaluate, suspect_utterances
+from semroute_stream._offline.fit.fit_routes import fit_routes
+from semroute_stream._offline.fit.thresholds import fit_thresholds
+from semroute_stream._offline.fit.workflows import add_labelled_utterances
 from semroute_stream._offline.labelled import load_labelled
-from semroute_stream._offline.thresholds import fit_thresholds
 from semroute_stream._routing.decision import decide
 from semroute_stream._routing.router import compile_table, resolve_routes, train_route_head
 from semroute_stream._routing.schema import RoutesConfig

@@ -1,5 +1,5 @@
-"""``eval --html``: the fallback curve's arithmetic (_offline.fallback_curve), the page
-(_offline.html_report, _offline.report_charts), and the page as headless Chromium renders it.
+"""``eval --html``: the fallback curve's arithmetic (_offline.fit.fallback_curve), the page
+(_offline.report: html_report, report_charts), and the page as headless Chromium renders it.
 
 The Chromium test runs the installed command on a slice of CLINC150 (the banking domain, some
 out-of-scope rows, and a route whose utterance is markup) with the real encoder, then Debian's
@@ -24,8 +24,8 @@ from PIL import Image, ImageStat
 from semroute_stream._cli import app as _cli
 from semroute_stream._cli import offline as _cli_offline
 from semroute_stream._errors import ConfigError
-from semroute_stream._offline.fallback_curve import fallback_curve, fallback_slack
-from semroute_stream._offline.html_report import FIGURE_IDS, require_report_libraries
+from semroute_stream._offline.fit.fallback_curve import fallback_curve, fallback_slack
+from semroute_stream._offline.report.html_report import FIGURE_IDS, require_report_libraries
 from semroute_stream._routing.decision import HeadParams, RouteTable, decide, score_matrix
 
 REPO = Path(__file__).resolve().parents[1]

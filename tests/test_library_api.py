@@ -131,8 +131,8 @@ def test_from_file_uses_the_default_encoder(
         made.append(FakeEncoder(model_name="default"))
         return made[-1]
 
-    assert router_module._default_encoder is semroute_stream.Encoder
-    monkeypatch.setattr(router_module, "_default_encoder", default_encoder)
+    assert router_module.default_encoder_factory() is semroute_stream.Encoder
+    monkeypatch.setattr(router_module, "default_encoder_factory", lambda: default_encoder)
     router = Router.from_file(routes_file, cache=False)
     assert len(made) == 1 and router.encoder is made[0]
     assert router("refund my payment").explain()["model"] == "default"

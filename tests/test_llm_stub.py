@@ -1,4 +1,4 @@
-"""Real HTTP tests of the OpenAI-compatible stub (semroute_stream/_stub_llm.py, re-exported by
+"""Real HTTP tests of the OpenAI-compatible stub (semroute_stream/_stub_llm/, re-exported by
 tests/llm_stub.py)."""
 
 from __future__ import annotations

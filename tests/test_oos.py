@@ -16,9 +16,9 @@ from fakes import FakeEncoder
 from semroute_stream._cli import offline as _cli_offline
 from semroute_stream._cli.app import build_parser, main
 from semroute_stream._errors import ConfigError
-from semroute_stream._offline.compare import LabelledScores, energy_scores, head_fallback
-from semroute_stream._offline.evaluate import evaluate
-from semroute_stream._offline.thresholds import DEFAULT_OBJECTIVE, global_cut, row_weights
+from semroute_stream._offline.fit.compare import LabelledScores, energy_scores, head_fallback
+from semroute_stream._offline.fit.evaluate import evaluate
+from semroute_stream._offline.fit.thresholds import DEFAULT_OBJECTIVE, global_cut, row_weights
 from semroute_stream._routing.decision import FALLBACK_REASONS, RouteTable, decide
 from semroute_stream._routing.head_params import HeadParams
 from semroute_stream._routing.kernels import logsumexp

@@ -18,12 +18,13 @@ import yaml
 
 from semroute_stream._cli import app as _cli
 from semroute_stream._encoder import Encoder, EncoderConfig, fidelity_probe_texts
+from semroute_stream._encoder.default_model import DEFAULT_MODEL_ID, locate_weights_dir
+from semroute_stream._encoder.onnx_build import BertArch
 from semroute_stream._errors import ConfigError
-from semroute_stream._model_build import DEFAULT_MODEL_ID, BertArch, locate_weights_dir
-from semroute_stream._offline import bert_jax
-from semroute_stream._offline.finetune import _guard
-from semroute_stream._offline.tune_data import BUCKETS, Tokens, bucket, hold_out
-from semroute_stream._offline.tune_train import TrainSettings, embed, learning_rates, train
+from semroute_stream._offline.tune import bert_jax
+from semroute_stream._offline.tune.finetune import _guard
+from semroute_stream._offline.tune.tune_data import BUCKETS, Tokens, bucket, hold_out
+from semroute_stream._offline.tune.tune_train import TrainSettings, embed, learning_rates, train
 from semroute_stream._routing.router import Router
 from semroute_stream._routing.schema import load_routes
 

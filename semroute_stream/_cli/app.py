@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._errors import ConfigError, InputError, SemrouteError
-from .._offline.thresholds import DEFAULT_OBJECTIVE, DEFAULT_OOS_RATE, OBJECTIVES
+from .._offline.fit.thresholds import DEFAULT_OBJECTIVE, DEFAULT_OOS_RATE, OBJECTIVES
 from .._routing.importers import IMPORT_FORMATS
 from .._routing.schema import ROUTES_METHODS
 from .._schemas import SCHEMA_NAMES
-from .arguments import fraction, positive_int
+from .arguments import fraction, oos_rate, positive_int
 from .offline import (
     ENCODE_BATCH,
     cmd_embed,
@@ -64,19 +64,6 @@ def _common_options() -> argparse.ArgumentParser:
         help="default auto: bf16 on CPUs with native bf16 units when the model passes the probe",
     )
     return common
-
-
-def _oos_rate(value: str) -> float:
-    """``--expected-oos-rate``: a share in ``[0, 1)``."""
-    try:
-        rate = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not (0.0 <= rate < 1.0):
-        raise argparse.ArgumentTypeError(
-            f"must be a share of the traffic in [0, 1) (0.2 = 20 % out-of-scope), got {value}"
-        )
-    return rate
 
 
 def _version() -> str:
@@ -334,7 +321,7 @@ def _add_fit(sub: Any, common: argparse.ArgumentParser, methods: Sequence[str]) 
     )
     p.add_argument(
         "--expected-oos-rate",
-        type=_oos_rate,
+        type=oos_rate,
         default=DEFAULT_OOS_RATE,
         metavar="R",
         help=f"the out-of-scope share of the traffic, in [0, 1), for --objective balanced "

@@ -24,11 +24,11 @@ from tqdm import tqdm
 from .._errors import ConfigError, InputError
 from .._files import atomic_write_bytes
 from .._input import parse_input
-from .._offline.compare import compare_methods
-from .._offline.evaluate import evaluate, suspect_utterances
-from .._offline.fit import fit_labelled
-from .._offline.html_report import render_html, require_report_libraries
+from .._offline.fit.compare import compare_methods
+from .._offline.fit.evaluate import evaluate, suspect_utterances
+from .._offline.fit.workflows import fit_labelled
 from .._offline.labelled import Labelled, load_labelled
+from .._offline.report.html_report import render_html, require_report_libraries
 from .._offline.route_file import default_rejects_path, route_file
 from .._routing.importers import import_routes
 from .._routing.router import Router, TextEncoder

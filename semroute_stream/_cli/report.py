@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from .._offline.fit import FitReport
+from .._offline.fit.workflows import FitReport
 from .._routing.router import Router
 from .._routing.schema import routes_version
 

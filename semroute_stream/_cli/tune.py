@@ -1,4 +1,4 @@
-"""``semroute-stream tune``: fine-tune the encoder on a routes file (``_offline/finetune.py``),
+"""``semroute-stream tune``: fine-tune the encoder on a routes file (``_offline/tune/finetune.py``),
 print the held-out figures and write the model directory."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from .._encoder.default_model import DEFAULT_MODEL_ID, locate_weights_dir
 from .._errors import ConfigError, ModelError
-from .._model_build import DEFAULT_MODEL_ID, locate_weights_dir
-from .._offline.finetune import TuneRefused, TuneRequest, run_tune
 from .._offline.labelled import load_labelled
-from .._offline.tune_train import TrainSettings
+from .._offline.tune.finetune import TuneRefused, TuneRequest, run_tune
+from .._offline.tune.tune_train import TrainSettings
 from .._routing.schema import load_routes
 from .arguments import positive_float, positive_int
 from .report import print_json_last

@@ -1,3 +1,5 @@
-"""The offline tools on labelled data and files: eval, fit, thresholds, file routing, tune."""
+"""The offline tools on labelled data and files: ``fit`` (routes), ``tune`` (the encoder),
+``report`` (the ``eval --html`` page), file routing (``route_file``) and labelled data
+(``labelled``)."""
 
 __all__: list[str] = []

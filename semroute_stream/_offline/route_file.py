@@ -68,6 +68,21 @@ def _lines(f: IO[bytes]) -> Iterator[tuple[int, bytes]]:
         yield number, raw.rstrip(b"\r\n") if raw.endswith(b"\n") else raw
 
 
+def _write_reject(
+    rejects: IO[bytes], summary: OfflineSummary, number: int, raw: bytes, err: InputError
+) -> None:
+    """One bad line into the rejects file, counted by kind."""
+    summary.rejected += 1
+    summary.rejects_by_kind[err.kind] += 1
+    reject = {
+        "line": number,
+        "kind": err.kind,
+        "reason": err.reason,
+        "raw": raw.decode("utf-8", errors="replace"),
+    }
+    rejects.write(orjson.dumps(reject) + b"\n")
+
+
 def route_file(
     router: Router,
     input_path: str | Path,
@@ -130,15 +145,7 @@ def route_file(
                     max_chars=max_text_chars,
                 )
             except InputError as err:
-                summary.rejected += 1
-                summary.rejects_by_kind[err.kind] += 1
-                reject = {
-                    "line": number,
-                    "kind": err.kind,
-                    "reason": err.reason,
-                    "raw": raw.decode("utf-8", errors="replace"),
-                }
-                rejects.write(orjson.dumps(reject) + b"\n")
+                _write_reject(rejects, summary, number, raw, err)
                 if on_reject is not None:
                     on_reject(number, err)
                 continue

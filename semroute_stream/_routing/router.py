@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, overload
+from typing import Any, overload
 
 import numpy as np
 
@@ -21,20 +21,22 @@ from .head_cache import HeadModel, default_head_cache_dir, head_cache_key, load_
 from .result import RouteDecision
 from .schema import DecisionMethod, RoutesConfig, RoutesMethod, load_routes, routes_version
 from .selection import AUTO_MIN_HELD_OUT, MethodChoice, choose_method, fold_of
+from .text_encoder import DEFAULT_ENCODER, TextEncoder, default_encoder_factory
 from .training import name_text
 
 __all__ = [
     "AUTO_MAX_CELLS",
+    "DEFAULT_ENCODER",
     "Resolution",
     "Router",
     "TextEncoder",
     "auto_without_head",
     "compile_table",
+    "default_encoder_factory",
     "head_model_key",
     "head_texts",
     "needs_head",
     "resolve_routes",
-    "set_default_encoder",
     "train_route_head",
     "utterance_routes",
     "utterances_of",
@@ -89,20 +91,6 @@ def compile_table(
 
 
 # --- resolving the method ------------------------------------------------------------------
-
-
-class TextEncoder(Protocol):
-    """What the router needs of an encoder (``semroute_stream._encoder.Encoder`` is one)."""
-
-    @property
-    def model_name(self) -> str: ...
-
-    @property
-    def dim(self) -> int: ...
-
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """``(len(texts), dim)`` float32, L2-normalised, in input order."""
-        ...
 
 
 @dataclass(frozen=True, eq=False)
@@ -362,17 +350,6 @@ def train_route_head(
     )
 
 
-_default_encoder: Callable[[], TextEncoder] | None = None
-
-
-def set_default_encoder(factory: Callable[[], TextEncoder]) -> None:
-    """What ``Router.from_file`` builds when it is given no encoder. ``semroute_stream`` sets
-    its ``Encoder`` (all-MiniLM-L6-v2) on import: ``_routing`` never imports the encoder
-    itself (docs/architecture.md, Layering)."""
-    global _default_encoder
-    _default_encoder = factory
-
-
 class Router:
     """Routes texts or embeddings with one routes config and one encoder.
 
@@ -430,9 +407,7 @@ class Router:
         Raises ``ConfigError`` naming the file, the route and the field of any problem."""
         routes = load_routes(path)
         if encoder is None:
-            if _default_encoder is None:
-                raise RuntimeError("no default encoder: pass one (import semroute_stream sets it)")
-            encoder = _default_encoder()
+            encoder = default_encoder_factory()()
         return cls(routes, encoder, cache_dir=cache_dir, cache=cache)
 
     def decide(self, embeddings: np.ndarray, texts: Sequence[str] | None = None) -> Decisions:

@@ -6,7 +6,7 @@ cut is the exact best one over the observed scores: ``best_cut`` for one set of 
 over routes, and ``fit_thresholds`` for the routes file of a similarity method.
 
 What a cut maximises is the objective (``row_weights``): ``accuracy`` counts rows, so the
-labelled file's share of out-of-scope rows becomes the share the cuts are tuned for;
+labelled file's share of out-of-scope rows becomes the share the cuts are fitted for;
 ``balanced`` re-weights the rows to an expected out-of-scope share ``oos_rate`` and maximises
 the expected overall accuracy there, ``(1 - oos_rate) * in-scope accuracy + oos_rate *
 fallback recall``, whatever the file's own share.
@@ -19,9 +19,9 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from .._routing.decision import METHODS, RouteTable, score_matrix
-from .._routing.schema import RoutesConfig
-from .labelled import label_indices
+from ..._routing.decision import METHODS, RouteTable, score_matrix
+from ..._routing.schema import RoutesConfig
+from ..labelled import label_indices
 
 __all__ = [
     "DEFAULT_OBJECTIVE",
@@ -44,7 +44,7 @@ Objective = Literal["balanced", "accuracy"]
 OBJECTIVES: tuple[Objective, ...] = get_args(Objective)
 DEFAULT_OBJECTIVE: Objective = "balanced"
 DEFAULT_OOS_RATE = 0.2
-"""The out-of-scope share ``balanced`` tunes for when none is given (docs/benchmarks.md: fits
+"""The out-of-scope share ``balanced`` fits for when none is given (docs/benchmarks.md: fits
 for 0.2 hold up from 3 % to 30 % out-of-scope traffic)."""
 
 
@@ -130,7 +130,7 @@ def per_route_cuts(
     scores: np.ndarray,
     gold: np.ndarray,
     thresholds: np.ndarray,
-    tunable: Sequence[int],
+    fittable: Sequence[int],
     anchor: float,
     *,
     min_gain: int,
@@ -148,7 +148,7 @@ def per_route_cuts(
     passing = np.where(scores >= thresholds, scores, -np.inf)
     for _ in range(max_sweeps):
         changed = False
-        for r in tunable:
+        for r in fittable:
             own = scores[:, r]
             others = passing.copy()
             others[:, r] = -np.inf
@@ -205,12 +205,12 @@ def fit_thresholds(
     default, _, uniq = global_cut(scores, gold, anchor, weights)
     default = tidy(default, uniq)
     support = np.bincount(gold[gold >= 0], minlength=n_routes)
-    tunable = [r for r in range(n_routes) if support[r] >= min_support]
+    fittable = [r for r in range(n_routes) if support[r] >= min_support]
     thresholds = per_route_cuts(
         scores,
         gold,
         np.full(n_routes, default),
-        tunable,
+        fittable,
         default,
         min_gain=min_gain,
         max_sweeps=max_sweeps,

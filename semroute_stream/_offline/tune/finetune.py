@@ -29,13 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import SemrouteError
-from .._files import sha256_file
-from .._routing.router import head_texts, needs_head, resolve_routes, utterance_routes
-from .._routing.schema import RoutesConfig
+from ..._errors import SemrouteError
+from ..._files import sha256_file
+from ..._routing.router import head_texts, needs_head, resolve_routes, utterance_routes
+from ..._routing.schema import RoutesConfig
+from ..fit.evaluate import evaluate
+from ..labelled import Labelled
 from .bert_jax import Params, import_jax, load_params, to_numpy
-from .evaluate import evaluate
-from .labelled import Labelled
 from .tune_data import BUCKETS, MAX_TOKENS, Tokens, hold_out
 from .tune_train import TrainSettings, embed, train
 from .tuned_model import check_target, write_model_dir

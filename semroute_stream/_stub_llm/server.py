@@ -1,127 +1,23 @@
-"""A real HTTP server on loopback that speaks the OpenAI chat-completions API. Stdlib only.
+"""The stub's HTTP server on loopback: ``LLMStub`` (start, stop, scripted failures, counts).
 
-A stand-in LLM endpoint for the tests, the benchmarks and docker/compose.yaml; shipped with the
-package as ``semroute-stream stub-llm`` (``tests/llm_stub.py`` re-exports it).
-
-Endpoints: ``POST /v1/chat/completions`` (and ``/chat/completions``), ``GET /v1/models``
-(and ``/models``), ``GET /healthz``.
-
-The answer is deterministic and shows what arrived, so a test can check that the right prompt
-reached the right endpoint::
-
-    content = "[NAME] " (if the stub has a name)
-            + "[system: FIRST LINE OF THE SYSTEM PROMPT] " (if there is a system message)
-            + "echo: " + LAST USER MESSAGE
-
-``model`` echoes the request's model; ``usage`` counts whitespace-separated words.
-
-In tests::
-
-    with LLMStub(name="billing", latency=0.05) as stub:    # started; stopped on exit
-        stub.url                     # "http://127.0.0.1:PORT/v1" (base_url for an OpenAI client)
-        stub.fail_next(2, status=503, retry_after=1)       # the next 2 completions fail
-        stub.fail_next(1, disconnect=True)                 # ... then one connection is dropped
-        stub.fail_always(status=400)                       # every completion fails until clear()
-        stub.clear()                                       # no more scripted failures
-        stub.latency = 0.2                                 # seconds before every completion
-        stub.stop(); stub.start()                          # down (connection refused), up again
-        stub.requests                                      # [StubRequest(...)] completions only
-        stub.request_count, stub.success_count, stub.failure_count, stub.max_in_flight
-
-CLI (docker, benchmarks)::
-
-    semroute-stream stub-llm --host 127.0.0.1 --port 8000 --latency-ms 200 [--name NAME]
-    python tests/llm_stub.py ...                                  # the same, from a checkout
+See the package docstring for the endpoints and the answers.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import signal
 import socket
-import sys
 import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = [
-    "STUB_OWNER",
-    "LLMStub",
-    "StubFailure",
-    "StubRequest",
-    "add_arguments",
-    "expected_content",
-    "main",
-    "serve",
-]
+from .answers import STUB_OWNER, StubFailure, StubRequest, expected_content, text_of, words
 
-#: ``owned_by`` of every model the stub lists: it answers whatever model it is asked for, and
-#: ``semroute-stream check`` tells it apart from a real endpoint by this.
-STUB_OWNER = "llm-stub"
-
-
-@dataclass(frozen=True)
-class StubRequest:
-    """One chat-completions request the stub received (whether it answered or failed it)."""
-
-    method: str
-    path: str
-    headers: dict[str, str]  # lower-case names
-    body: Any  # the parsed JSON body (None if it was not JSON)
-    received_at: float  # time.time()
-
-    @property
-    def messages(self) -> list[dict[str, Any]]:
-        return list(self.body.get("messages", [])) if isinstance(self.body, dict) else []
-
-    @property
-    def model(self) -> str | None:
-        return self.body.get("model") if isinstance(self.body, dict) else None
-
-
-@dataclass(frozen=True)
-class StubFailure:
-    """How to fail one completion: an HTTP error, or a dropped connection."""
-
-    status: int = 503
-    retry_after: float | None = None
-    message: str = "injected failure"
-    disconnect: bool = False  # close the connection without any response
-
-
-def _text(content: Any) -> str:
-    """Message content as text: a string, or the text parts of a list of content parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(
-            str(p.get("text", "")) for p in content if isinstance(p, dict) and "text" in p
-        )
-    return "" if content is None else str(content)
-
-
-def expected_content(messages: list[dict[str, Any]], name: str | None = None) -> str:
-    """The content the stub answers for ``messages`` (tests use it to build expectations)."""
-    parts = []
-    if name:
-        parts.append(f"[{name}] ")
-    system = next((m for m in messages if m.get("role") in ("system", "developer")), None)
-    if system is not None:
-        lines = _text(system.get("content")).strip().splitlines()
-        parts.append(f"[system: {lines[0].strip() if lines else ''}] ")
-    user = next((m for m in reversed(messages) if m.get("role") == "user"), None)
-    parts.append("echo: " + (_text(user.get("content")) if user is not None else ""))
-    return "".join(parts)
-
-
-def _words(text: str) -> int:
-    return len(text.split())
+__all__ = ["LLMStub"]
 
 
 class _Server(ThreadingHTTPServer):
@@ -275,8 +171,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         messages = [m for m in body["messages"] if isinstance(m, dict)]
         content = expected_content(messages, stub.name)
-        prompt_tokens = sum(_words(_text(m.get("content"))) for m in messages)
-        completion_tokens = _words(content)
+        prompt_tokens = sum(words(text_of(m.get("content"))) for m in messages)
+        completion_tokens = words(content)
         stub._count("success")
         self._send_json(
             200,
@@ -498,53 +394,3 @@ class LLMStub:
     def _count(self, key: str) -> None:
         with self._lock:
             self._counts[key] += 1
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The stub's command-line options (``main`` and ``semroute-stream stub-llm``)."""
-    parser.add_argument(
-        "--host", default="127.0.0.1", help="listen address (default 127.0.0.1; 0.0.0.0: all)"
-    )
-    parser.add_argument("--port", type=int, default=8000, help="listen port (default 8000)")
-    parser.add_argument(
-        "--latency-ms", type=float, default=0.0, help="delay of every answer (default 0)"
-    )
-    parser.add_argument("--name", default=None, help="prefix answers with [NAME] (default none)")
-    parser.add_argument(
-        "--model",
-        action="append",
-        help="model id listed by /v1/models; repeatable (default stub-model)",
-    )
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    parser.add_argument("--verbose", action="store_true", help="log every request")
-
-
-def serve(args: argparse.Namespace) -> int:
-    """Serve until SIGINT or SIGTERM (then stop and return 0)."""
-    stub = LLMStub(
-        args.port,
-        args.latency_ms / 1000.0,
-        host=args.host,
-        name=args.name,
-        models=tuple(args.model or ["stub-model"]),
-        api_key=args.api_key,
-        verbose=args.verbose,
-    )
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    stub.start()
-    print(f"llm-stub listening on {stub.url} (latency {args.latency_ms:g} ms)", flush=True)
-    done.wait()
-    stub.stop()
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="OpenAI-compatible chat-completions stub")
-    add_arguments(parser)
-    return serve(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import ModelError
+from ..._errors import ModelError
 
 __all__ = [
     "BUCKETS",

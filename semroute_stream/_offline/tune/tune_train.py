@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .._model_build import BertArch
+from ..._encoder.onnx_build import BertArch
 from .bert_jax import Params, import_jax, pooled
 from .tune_data import Tokens, contrastive_batches
 

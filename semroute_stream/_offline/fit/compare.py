@@ -9,19 +9,19 @@ from typing import Any
 
 import numpy as np
 
-from .._routing.decision import METHODS, RouteTable
-from .._routing.head_cache import HeadModel
-from .._routing.kernels import finite_softmax, logsumexp
-from .._routing.schema import MAX_ENERGY, SIMILARITY_METHODS, DecisionMethod
-from .._routing.selection import (
+from ..._routing.decision import METHODS, RouteTable
+from ..._routing.head_cache import HeadModel
+from ..._routing.kernels import finite_softmax, logsumexp
+from ..._routing.schema import MAX_ENERGY, SIMILARITY_METHODS, DecisionMethod
+from ..._routing.selection import (
     BLEND_GRID,
     CrossValidation,
     candidate_label,
     candidate_scores,
     choose_method,
 )
+from ..labelled import label_indices
 from .evaluate import ratio
-from .labelled import label_indices
 from .thresholds import best_cut, global_cut, tidy
 
 __all__ = [

@@ -1,7 +1,7 @@
 """The ``fit`` command's workflows: fit routes on labelled data, write them, read them back.
 
-* ``fit_labelled``: what ``semroute-stream fit`` runs; ``fit_file`` tunes the method and its
-  fallback on the labelled rows (``tune.fit_routes``); ``fit_adding_utterances`` makes labelled
+* ``fit_labelled``: what ``semroute-stream fit`` runs; ``fit_file`` fits the method and its
+  fallback on the labelled rows (``fit_routes``); ``fit_adding_utterances`` makes labelled
   rows utterances (``add_labelled_utterances``) and lets the cross-validation on the enlarged
   utterances choose. Each returns a ``FitReport`` for the command line to print.
 
@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .._routing.router import Router, compile_table, head_texts, resolve_routes, train_route_head
-from .._routing.schema import (
+from ..._routing.router import Router, compile_table, head_texts, resolve_routes, train_route_head
+from ..._routing.schema import (
     DECISION_METHODS,
     DecisionMethod,
     RoutesConfig,
@@ -27,9 +27,9 @@ from .._routing.schema import (
     load_routes,
     save_routes,
 )
+from ..labelled import Labelled, label_indices
 from .evaluate import evaluate
 from .fit_routes import fit_routes
-from .labelled import Labelled, label_indices
 from .thresholds import DEFAULT_OBJECTIVE, DEFAULT_OOS_RATE, Objective, row_weights
 
 __all__ = [
@@ -116,7 +116,7 @@ class FitReport:
     routes_with_threshold: int = 0  # fit_file only: routes with a threshold or floor of their own
     added_utterances: int | None = None  # fit_adding_utterances only
     add_utterances: AddUtterances = "none"
-    objective: Objective = DEFAULT_OBJECTIVE  # fit_file only: what the fallback was tuned for
+    objective: Objective = DEFAULT_OBJECTIVE  # fit_file only: what the fallback was fitted for
     oos_rate: float = DEFAULT_OOS_RATE  # fit_file only: the out-of-scope share (balanced)
 
 
@@ -135,7 +135,7 @@ def fit_labelled(
     """``fit``: the router's routes fitted on labelled ``data`` (``embeddings`` are its rows'),
     written to ``out``. ``method`` (default ``auto``: every method) limits the candidates;
     ``add_utterances`` other than ``none`` adds labelled rows to the utterances instead (see
-    ``fit_adding_utterances``); ``objective`` at ``oos_rate`` is what the fallback is tuned
+    ``fit_adding_utterances``); ``objective`` at ``oos_rate`` is what the fallback is fitted
     for (``thresholds.row_weights``; checked before anything is fitted)."""
     row_weights(np.zeros(0, dtype=np.intp), objective, oos_rate)  # fail fast on bad values
     before = evaluate(router.table, embeddings, data.labels, data.texts)
@@ -210,8 +210,8 @@ def fit_file(
     written, after = _write_and_evaluate(
         router, result.routes, router.utterance_embeddings, names, data, embeddings, out
     )
-    tuned = sum(route.threshold is not None for route in written.routes)
-    tuned += sum(route.min_confidence is not None for route in written.routes)
+    fitted = sum(route.threshold is not None for route in written.routes)
+    fitted += sum(route.min_confidence is not None for route in written.routes)
     return FitReport(
         source=routes,
         resolved_method=router.table.method,
@@ -221,7 +221,7 @@ def fit_file(
         after=after,
         fit_seconds=fit_seconds,
         candidates=result.candidates,
-        routes_with_threshold=tuned,
+        routes_with_threshold=fitted,
         objective=objective,
         oos_rate=oos_rate,
     )
@@ -279,7 +279,7 @@ def fit_adding_utterances(
 
 def _without_fallback_settings(routes: RoutesConfig, method: RoutesMethod) -> RoutesConfig:
     """``routes`` with ``method`` and every fallback setting left to be derived again (the
-    old ones were tuned for the old utterances)."""
+    old ones were fitted for the old utterances)."""
     cleared = {"threshold": None, "min_confidence": None}
     head = routes.head.model_copy(
         update={"blend": None, "temperature": None, "min_confidence": None, "min_margin": None},

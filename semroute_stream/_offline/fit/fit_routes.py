@@ -1,4 +1,4 @@
-"""The method and its fallback tuned on labelled data: ``fit_routes``.
+"""The method and its fallback fitted on labelled data: ``fit_routes``.
 
 Every candidate (max, top5_mean, the head at each blend) gets its best global fallback setting
 on the data; the winner is then refined per route (thresholds for the similarity methods; for
@@ -16,18 +16,18 @@ from typing import Any
 
 import numpy as np
 
-from .._routing.decision import RouteTable, choose
-from .._routing.head_cache import HeadModel
-from .._routing.kernels import finite_softmax
-from .._routing.router import compile_table
-from .._routing.schema import (
+from ..._routing.decision import RouteTable, choose
+from ..._routing.head_cache import HeadModel
+from ..._routing.kernels import finite_softmax
+from ..._routing.router import compile_table
+from ..._routing.schema import (
     DECISION_METHODS,
     MAX_ENERGY,
     SIMILARITY_METHODS,
     DecisionMethod,
     RoutesConfig,
 )
-from .._routing.selection import (
+from ..._routing.selection import (
     BLEND_GRID,
     MethodChoice,
     candidate_label,
@@ -90,7 +90,7 @@ def fit_routes(
     objective: Objective = DEFAULT_OBJECTIVE,
     oos_rate: float = DEFAULT_OOS_RATE,
 ) -> FitResult:
-    """Pick the method on labelled data and tune its fallback; the routes to write.
+    """Pick the method on labelled data and fit its fallback; the routes to write.
 
     Every candidate (``methods``; the head at each blend of ``BLEND_GRID``) gets its best
     *global* fallback setting on the data -- a threshold for the similarity methods; for the
@@ -246,12 +246,12 @@ def _fit_head(
     energy_ok = energy_scores(s, fb.temperature) >= fb.min_energy
     masked = np.where((ls.nearest >= fb.min_similarity) & energy_ok[:, None], proba, -np.inf)
     support = np.bincount(gold[gold >= 0], minlength=n_routes)
-    tunable = [r for r in range(n_routes) if support[r] >= min_support]
+    fittable = [r for r in range(n_routes) if support[r] >= min_support]
     confidence = per_route_cuts(
         masked,
         gold,
         np.full(n_routes, fb.min_confidence),
-        tunable,
+        fittable,
         fb.min_confidence,
         min_gain=min_gain,
         max_sweeps=max_sweeps,

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from ._errors import ModelError
+from .._errors import ModelError
 
 __all__ = [
     "BACKENDS",

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec
 
 import numpy as np
 
-from .._errors import ConfigError
+from ..._errors import ConfigError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

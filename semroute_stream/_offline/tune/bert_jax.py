@@ -1,7 +1,7 @@
 """A BERT sentence encoder in JAX, for ``semroute-stream tune`` only (the ``[tune]`` extra).
 
 It reads the same ``model.safetensors`` + ``config.json`` as the ONNX builder
-(:mod:`semroute_stream._model_build`): the tensors keep their Hugging Face names
+(:mod:`semroute_stream._encoder.onnx_build`): the tensors keep their Hugging Face names
 (``embeddings.word_embeddings.weight``, ``encoder.layer.0.attention.self.query.weight``, ...,
 torch ``Linear`` weights as ``[out, in]``), any ``bert.``-style prefix dropped the same way, and
 the shape comes from :meth:`BertArch.from_config`. The forward is the builder's graph op for op
@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import ConfigError, ModelError
-from .._model_build import MASK_NEG, BertArch, _strip_prefix
+from ..._encoder.onnx_build import MASK_NEG, BertArch, strip_prefix
+from ..._errors import ConfigError, ModelError
 
 __all__ = ["INSTALL_HINT", "Params", "encode", "import_jax", "load_params", "pooled", "to_numpy"]
 
@@ -58,7 +58,7 @@ def load_params(model_dir: Path) -> tuple[Params, BertArch]:
     if not isinstance(config, dict):
         raise ModelError(f"{config_path}: expected a JSON object")
     arch = BertArch.from_config(config, str(config_path))
-    weights = _strip_prefix(raw)
+    weights = strip_prefix(raw)
     params = {k: np.asarray(v, dtype=np.float32) for k, v in weights.items() if _used(k, arch)}
     if "embeddings.word_embeddings.weight" not in params:
         raise ModelError(f"{weights_path}: not a BERT checkpoint (no word embeddings)")

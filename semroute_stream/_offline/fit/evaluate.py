@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .._routing.decision import (
+from ..._routing.decision import (
     FALLBACK_REASONS,
     RouteTable,
     ScoreMatrix,
@@ -23,10 +23,10 @@ from .._routing.decision import (
     fallback_reasons,
     score_matrix,
 )
-from .._routing.schema import DecisionMethod
-from .._routing.selection import CrossValidation, candidate_scores
+from ..._routing.schema import DecisionMethod
+from ..._routing.selection import CrossValidation, candidate_scores
+from ..labelled import label_indices
 from .fallback_curve import fallback_curve, fallback_slack
-from .labelled import label_indices
 
 __all__ = [
     "AIDS_LISTED",

@@ -12,7 +12,7 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
-from .._errors import ConfigError
+from ..._errors import ConfigError
 from .report_charts import REPORT_HINT, confusion_chart, curve_chart, f1_chart, worst_routes
 
 __all__ = ["FIGURE_IDS", "render_html", "require_report_libraries"]

@@ -4,7 +4,7 @@
 
     MODEL_DIR/
     ├── model.safetensors       the tuned weights (Hugging Face BERT names)
-    ├── model.onnx              built from them by _model_build.build_bert_onnx
+    ├── model.onnx              built from them by _encoder.onnx_build.build_bert_onnx
     ├── config.json, tokenizer.json, ... and 1_Pooling/config.json   copied from the base model
     ├── tune.json               the card: base model, routes and data hashes, settings, figures
     └── README.md               the same, short, for people
@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import ConfigError
-from .._files import atomic_copy, atomic_write_bytes, sha256_file
-from .._model_build import BertArch, build_bert_onnx
+from ..._encoder.onnx_build import BertArch, build_bert_onnx
+from ..._errors import ConfigError
+from ..._files import atomic_copy, atomic_write_bytes, sha256_file
 
 __all__ = ["CARD_FILE", "COPIED_FILES", "write_model_dir"]
 
