@@ -1,5 +1,5 @@
 """The at-least-once send path batches the records of one event-loop tick per partition
-(``delivery._Batcher``): same partitions as ``producer.send``, every record acknowledged, order
+(``batcher._Batcher``): same partitions as ``producer.send``, every record acknowledged, order
 kept within a partition, and a refused record refused alone. On the real broker."""
 
 from __future__ import annotations

@@ -28,20 +28,18 @@ PIPELINE_ATTRIBUTES = 15
 # into sub-wings (issue 21): remove an entry when its violation is gone (the test says so).
 ALLOWED: dict[str, str] = {
     # Modules over 460 lines.
-    "semroute_stream/_service/delivery.py": "module: 664 lines > 460",
     "semroute_stream/_service/llm.py": "module: 471 lines > 460",
-    "semroute_stream/_service/observe.py": "module: 467 lines > 460",
-    "semroute_stream/_service/pipeline.py": "module: 522 lines > 460",
+    "semroute_stream/_service/observe.py": "module: 482 lines > 460",
+    "semroute_stream/_service/pipeline.py": "module: 524 lines > 460",
     "semroute_stream/_service/settings.py": "module: 577 lines > 460",
     # Functions over 80 lines: the service's assembly, and the metrics declared in a method.
-    "semroute_stream/_service/app.py:open_service": "function: 83 lines > 80",
-    "semroute_stream/_service/observe.py:Metrics.__init__": "function: 212 lines > 80",
+    "semroute_stream/_service/observe.py:Metrics.__init__": "function: 219 lines > 80",
     # Pipeline over its own limits.
     "semroute_stream/_service/pipeline.py:Pipeline": (
-        "class: 454 lines > 420, 17 instance attributes > 15"
+        "class: 456 lines > 420, 17 instance attributes > 15"
     ),
     # The service's folder holds all its modules directly (the sub-wings come later).
-    "semroute_stream/_service/": "package: 33 modules > 12",
+    "semroute_stream/_service/": "package: 35 modules > 12",
 }
 
 

@@ -131,14 +131,9 @@ async def open_service(
     exactly_once = settings.delivery == "exactly_once" and sink is None
     # batches no larger than the smallest output topic limit, or the broker refuses them
     batch_bytes = None if record_limit is None else record_limit + RECORD_OVERHEAD_BYTES
-    producers: list[AIOKafkaProducer] = []  # the current one last (replaced when poisoned)
-
-    def new_producer() -> AIOKafkaProducer:
-        producers.append(make_producer(settings, batch_bytes))
-        return producers[-1]
-
-    producer = new_producer() if sink is None and not exactly_once else None
-    send = producer_send(producer, observer, renew=new_producer) if producer else sink
+    producers = _Producers(settings, batch_bytes)
+    producer = producers.new() if sink is None and not exactly_once else None
+    send = producer_send(producer, observer, renew=producers.new) if producer else sink
     outbox = _outbox(settings, consumer, observer, send, group_id, batch_bytes)
     llm = (
         LLMPool(settings.endpoints, transport=llm_transport, api_keys=api_keys)
@@ -166,19 +161,13 @@ async def open_service(
         # client that never started is harmless, leaving it unclosed is not.
         stack.push_async_callback(_stop_within, consumer.stop, "consumer")
         if producer is not None:
-            stack.push_async_callback(_stop_within, lambda: producers[-1].stop(), "producer")
+            stack.push_async_callback(_stop_within, producers.stop_current, "producer")
         stack.callback(observer.tracer.shutdown)
         if llm is not None:
             stack.push_async_callback(llm.aclose)
         learner = await _start_learning(settings, pipeline, stack) if learning else None
         if serve_http and obs.metrics_port is not None:
-            handlers = pipeline.health.handlers()
-            if learner is not None:
-                handlers["/learning"] = learner.http_status
-            server = HttpServer(obs.host, obs.metrics_port, handlers)
-            await server.start()
-            stack.push_async_callback(server.stop)
-            pipeline.health.http = server
+            await _serve_http(settings, pipeline, learner, stack)
         if producer is not None:
             await producer.start()
         await consumer.start()
@@ -187,6 +176,41 @@ async def open_service(
                 _stop_within, outbox.transactions.close, "transactional producers"
             )
         yield pipeline
+
+
+class _Producers:
+    """The at-least-once producers: the current one last, a new one made when a refused batch
+    poisoned the current one's sequence numbers (``OutOfOrderSequenceNumber``)."""
+
+    def __init__(self, settings: Settings, batch_bytes: int | None) -> None:
+        self._settings = settings
+        self._batch_bytes = batch_bytes
+        self._all: list[AIOKafkaProducer] = []
+
+    def new(self) -> AIOKafkaProducer:
+        self._all.append(make_producer(self._settings, self._batch_bytes))
+        return self._all[-1]
+
+    async def stop_current(self) -> None:
+        await self._all[-1].stop()
+
+
+async def _serve_http(
+    settings: Settings,
+    pipeline: Pipeline,
+    learner: Learner | None,
+    stack: contextlib.AsyncExitStack,
+) -> None:
+    """Start the health/metrics server (stopped by ``stack``), ``/learning`` when learning."""
+    obs = settings.observability
+    assert obs.metrics_port is not None
+    handlers = pipeline.health.handlers()
+    if learner is not None:
+        handlers["/learning"] = learner.http_status
+    server = HttpServer(obs.host, obs.metrics_port, handlers)
+    await server.start()
+    stack.push_async_callback(server.stop)
+    pipeline.health.http = server
 
 
 async def _start_learning(
